@@ -1,0 +1,89 @@
+"""What both commands share: configuration, logging, error reporting."""
+
+import functools
+import sys
+
+from oslo_config import cfg
+from oslo_log import log as logging
+from sqlalchemy import exc as sa_exc
+
+from scrub_listener import exceptions
+from scrub_listener import opts
+
+LOG = logging.getLogger(__name__)
+
+
+def default_config_files():
+    """Our own file if there is one, else the operator's glance-scrubber's.
+
+    So that on a host that ran glance-scrubber, scrub-listener works with
+    no flag at all.
+    """
+    return cfg.find_config_files(project='scrub-listener') or (
+        cfg.find_config_files(project='glance', prog='glance-scrubber')
+    )
+
+
+def load_config(argv, prog, cli_opts=(), description=None):
+    conf = cfg.CONF
+    opts.register_opts(conf)
+    logging.register_options(conf)
+    # glance_store's driver manager tries to import every store driver it
+    # knows and stevedore logs an ERROR for each one whose library is not
+    # installed (cinder without os-brick...).  A driver we are configured
+    # to use and cannot load still fails loudly, from glance_store.
+    logging.set_defaults(
+        default_log_levels=[
+            *logging.get_default_log_levels(),
+            'stevedore.extension=CRITICAL',
+        ]
+    )
+    conf.register_cli_opts(list(cli_opts))
+    conf(
+        argv,
+        project='scrub-listener',
+        prog=prog,
+        description=description,
+        default_config_files=default_config_files(),
+    )
+    _check_values(conf)
+    logging.setup(conf, 'scrub-listener')
+    return conf
+
+
+def _check_values(conf):
+    # oslo.config parses values lazily; read ours now so a bad value is
+    # reported before anything starts, naming the option.
+    for group, group_opts in opts.list_opts():
+        for opt in group_opts:
+            if group == 'DEFAULT':
+                getattr(conf, opt.dest)
+            else:
+                getattr(getattr(conf, group), opt.dest)
+
+
+def _fail(message, code):
+    print(f'ERROR: {message}', file=sys.stderr)
+    return code
+
+
+def reports_errors(main):
+    """Turn known failures into one ``ERROR:`` line and an exit code."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(sys.argv[1:] if argv is None else argv)
+        except exceptions.ScrubListenerError as exc:
+            return _fail(exc, exc.exit_code)
+        except cfg.Error as exc:
+            return _fail(exc, exceptions.ConfigError.exit_code)
+        except sa_exc.OperationalError as exc:
+            return _fail(
+                f'database error: {exc.orig}',
+                exceptions.DatabaseUnavailable.exit_code,
+            )
+        except KeyboardInterrupt:
+            return _fail('interrupted', 130)
+
+    return wrapper

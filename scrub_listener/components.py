@@ -1,0 +1,135 @@
+"""Build scrub-listener's collaborators from the configuration, once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+
+import futurist
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from scrub_listener import db
+from scrub_listener import drain
+from scrub_listener import exceptions
+from scrub_listener import glance_db
+from scrub_listener import queue
+from scrub_listener import restore
+from scrub_listener import scrubber
+from scrub_listener import store
+from scrub_listener import sweep
+
+
+@dataclasses.dataclass
+class Components:
+    conf: object
+    glance_db: glance_db.GlanceDB
+    queue: queue.DueQueue
+    stores: store.Stores | None
+    executor: futurist.ThreadPoolExecutor | None = None
+    scrubber: scrubber.Scrubber | None = None
+    drain: drain.Drain | None = None
+    sweeper: sweep.Sweeper | None = None
+    restorer: restore.Restorer | None = None
+
+    def close(self):
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        self.glance_db.engine.dispose()
+        self.queue.engine.dispose()
+
+
+def worker_id():
+    """Lease owner name: unique per process, readable in listings."""
+    return f'{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}'
+
+
+def build(conf, with_stores=True):
+    """Validate the configuration and build everything that is needed."""
+    gdb = glance_db.GlanceDB(
+        _glance_engine(conf),
+        encryption_key=conf.metadata_encryption_key,
+        lease_time=conf.scrubber.lease_time,
+    )
+    due_queue = queue.DueQueue(
+        _queue_engine(conf),
+        lease_time=conf.scrubber.lease_time,
+        retry_backoff=conf.scrub_queue.retry_backoff,
+        retry_backoff_max=conf.scrub_queue.retry_backoff_max,
+    )
+    parts = Components(conf, gdb, due_queue, None)
+    if not with_stores:
+        return parts
+    _check_encryption_key(conf)
+    store.register_opts(conf)
+    parts.stores = store.Stores(conf)
+    parts.executor = futurist.ThreadPoolExecutor(
+        max_workers=conf.scrub_pool_size
+    )
+    parts.scrubber = scrubber.Scrubber(gdb, parts.stores, parts.executor)
+    parts.drain = drain.Drain(
+        due_queue,
+        parts.scrubber,
+        worker_id(),
+        conf.scrub_queue.batch_size,
+        conf.scrub_time,
+    )
+    parts.sweeper = sweep.Sweeper(
+        gdb, due_queue, conf.scrub_time, conf.scrub_queue.batch_size
+    )
+    parts.restorer = restore.Restorer(
+        gdb, parts.stores, due_queue, conf.scrubber.deletion_window
+    )
+    return parts
+
+
+def _check_encryption_key(conf):
+    key = conf.metadata_encryption_key
+    if key and len(key.encode('utf-8')) not in (16, 24, 32):
+        raise exceptions.ConfigError(
+            '[DEFAULT] metadata_encryption_key must be 16, 24 or 32 bytes '
+            f'long (AES), it is {len(key.encode("utf-8"))}'
+        )
+
+
+def _glance_engine(conf):
+    url = conf.database.connection
+    if not url:
+        raise exceptions.ConfigError(
+            '[database] connection is not set: it must point at the Glance '
+            'database (the value from glance-api.conf)'
+        )
+    engine = db.create_engine(url, '[database] connection')
+    with db.translate_errors('Glance database', url):
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table('images'):
+                raise exceptions.ConfigError(
+                    '[database] connection has no Glance "images" table; '
+                    'is it the Glance database (glance-manage db_sync)?'
+                )
+    return engine
+
+
+def _queue_engine(conf):
+    url = conf.scrub_queue.connection
+    engine = db.create_engine(url, '[scrub_queue] connection')
+    if engine.dialect.name == 'sqlite' and engine.url.database:
+        directory = os.path.dirname(os.path.abspath(engine.url.database))
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise exceptions.ConfigError(
+                f'[scrub_queue] connection: cannot create {directory}: {exc}'
+            ) from exc
+    with db.translate_errors('due-queue database', url):
+        try:
+            queue.DueQueue(engine).create_schema()
+        except sa_exc.OperationalError as exc:
+            if db.is_sqlite(engine):
+                raise exceptions.ConfigError(
+                    f'[scrub_queue] connection: {exc.orig}'
+                ) from exc
+            raise
+    return engine

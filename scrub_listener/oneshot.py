@@ -1,0 +1,103 @@
+"""``scrub-listener --sweep-once``: reconcile once, report, exit.
+
+The pass is the service's own machinery run to completion: the sweep
+enqueues everything due into the due-queue, then the drain scrubs until
+nothing that was due at the start is left.  Going through the queue means
+a pass that is killed half-way resumes where it stopped, and a one-shot
+pass can run beside a service on the same queue without doing its work
+twice.
+"""
+
+import time
+
+from scrub_listener import drain as drain_mod
+from scrub_listener import exceptions
+from scrub_listener import glance_db
+
+PROGRESS_EVERY = 10  # seconds
+
+
+def sweep_once(parts, out, progress_interval=PROGRESS_EVERY):
+    """Run one pass; return the DrainStats."""
+    start = time.monotonic()
+    started_at = glance_db.utcnow()
+    found, queued = parts.sweeper.sweep(now=started_at)
+    print(
+        f'Sweep: {found} deletions due, {queued} new in the queue',
+        file=out,
+        flush=True,
+    )
+    stats = drain_mod.DrainStats()
+    last_report = start
+    while True:
+        outcomes = parts.drain.drain_batch(due_before=started_at)
+        if not outcomes:
+            break
+        for outcome in outcomes:
+            stats.add(outcome)
+        if time.monotonic() - last_report >= progress_interval:
+            last_report = time.monotonic()
+            print(
+                f'  ... {_line(stats, last_report - start)}',
+                file=out,
+                flush=True,
+            )
+    print(
+        f'Done: {_line(stats, time.monotonic() - start)}', file=out, flush=True
+    )
+    return stats
+
+
+def _line(stats, elapsed):
+    rate = stats.handled / elapsed if elapsed > 0 else 0.0
+    return (
+        f'scrubbed {stats.images}, failed {stats.failed}, skipped '
+        f'{stats.skipped}, busy elsewhere {stats.busy}; '
+        f'{stats.locations} locations, {stats.bytes_freed} bytes freed; '
+        f'{elapsed:.1f} s, {rate:.0f} deletions/s'
+    )
+
+
+def dry_run(parts, out):
+    """List what a pass would scrub now; change nothing."""
+    print(
+        f'{"IMAGE":36}  {"LOCATION":>8}  {"STORE":12}  {"SIZE":>12}  '
+        'DUE AT / NOTE',
+        file=out,
+    )
+    count = 0
+    for page in parts.sweeper.iter_due():
+        for deletion, due_at in page:
+            locations, errors = parts.glance_db.describe(deletion)
+            for location in locations:
+                count += 1
+                print(_dry_row(parts, location, due_at), file=out)
+            for location_id, reason in errors:
+                print(
+                    f'{deletion.image_id:36}  {location_id:>8}  '
+                    f'{"?":12}  {"?":>12}  UNREADABLE: {reason}',
+                    file=out,
+                )
+            if not locations and not errors:
+                print(
+                    f'{deletion.image_id:36}  {"-":>8}  {"-":12}  '
+                    f'{"-":>12}  {due_at:%Y-%m-%d %H:%M:%S} '
+                    '(no data left, image row only)',
+                    file=out,
+                )
+    print(f'{count} location(s) would be scrubbed', file=out)
+
+
+def _dry_row(parts, location, due_at):
+    try:
+        backend = parts.stores.resolve(location) or 'default'
+        note = f'{due_at:%Y-%m-%d %H:%M:%S}'
+        if location.shared:
+            note += ' (shared data kept)'
+    except exceptions.LocationRefused as exc:
+        backend, note = '-', f'REFUSED: {exc}'
+    size = location.size if location.size is not None else '?'
+    return (
+        f'{location.image_id:36}  {location.id:>8}  {backend:12}  '
+        f'{size:>12}  {note}'
+    )

@@ -1,0 +1,158 @@
+"""Every configuration option of scrub-listener, by group.
+
+An operator's existing ``glance-scrubber.conf`` loads unchanged: the
+``[DEFAULT]`` options glance-scrubber reads keep their names and meaning,
+``[database] connection`` is the Glance database and ``[glance_store]`` plus
+the per-backend sections are glance_store's own (registered by glance_store,
+see :mod:`scrub_listener.store`).  Options of our own live in their own
+groups.  Nothing is registered at import time: call :func:`register_opts`.
+"""
+
+from oslo_config import cfg
+
+# Options glance-scrubber (glance 33.0.0) reads from [DEFAULT], same names,
+# same types, same defaults, so its config file is a drop-in.
+scrubber_compat_opts = [
+    cfg.IntOpt(
+        'scrub_time',
+        default=0,
+        min=0,
+        help='Seconds an image stays in pending_delete before its data is '
+        'scrubbed. The due time of a deletion is fixed when it is queued '
+        '(deleted_at + scrub_time).',
+    ),
+    cfg.IntOpt(
+        'scrub_pool_size',
+        default=1,
+        min=1,
+        help='Number of threads deleting image data from the stores in '
+        'parallel.',
+    ),
+    cfg.IntOpt(
+        'wakeup_time',
+        default=300,
+        min=1,
+        help='Seconds between two sweeps of the Glance database for '
+        'deletions the notifications missed.',
+    ),
+    cfg.BoolOpt(
+        'daemon',
+        default=False,
+        help='Accepted for glance-scrubber compatibility. scrub-listener '
+        'runs as a service; use --sweep-once for a single pass.',
+    ),
+    cfg.StrOpt(
+        'metadata_encryption_key',
+        secret=True,
+        help='AES key Glance uses to encrypt image location URLs '
+        '(the same value as in glance-api.conf). Needed to read encrypted '
+        'locations.',
+    ),
+    cfg.DictOpt(
+        'enabled_backends',
+        help='Glance multi-store backends, "name:type" pairs, as in '
+        'glance-api.conf. Unset means glance_store single-store mode.',
+    ),
+    cfg.StrOpt(
+        'state_path',
+        default='/var/lib/scrub-listener',
+        help='Directory for local state (the default due-queue database).',
+    ),
+]
+
+database_opts = [
+    cfg.StrOpt(
+        'connection',
+        secret=True,
+        help='SQLAlchemy URL of the Glance database (the same as '
+        '[database] connection in glance-api.conf).',
+    ),
+]
+
+scrub_queue_opts = [
+    cfg.StrOpt(
+        'connection',
+        secret=True,
+        default='sqlite:///$state_path/scrub-queue.sqlite',
+        help='SQLAlchemy URL of the due-queue database. Instances that '
+        'share one MariaDB/PostgreSQL queue share the work.',
+    ),
+    cfg.IntOpt(
+        'batch_size',
+        default=500,
+        min=1,
+        help='Deletions claimed and committed per database transaction.',
+    ),
+    cfg.IntOpt(
+        'retry_backoff',
+        default=30,
+        min=1,
+        help='Seconds before the first retry of a failed deletion; doubles '
+        'with every further failure.',
+    ),
+    cfg.IntOpt(
+        'retry_backoff_max',
+        default=3600,
+        min=1,
+        help='Upper bound, in seconds, of the retry backoff.',
+    ),
+]
+
+scrubber_opts = [
+    cfg.IntOpt(
+        'lease_time',
+        default=600,
+        min=10,
+        help='Seconds a claim on a deletion is held. After that, a crashed '
+        "worker's claim (in the due-queue or on Glance location rows in "
+        'the "scrubbing" state) is taken over by another worker. Must be '
+        'longer than the slowest single store delete.',
+    ),
+    cfg.IntOpt(
+        'deletion_window',
+        default=300,
+        min=0,
+        help='Location rows soft-deleted at most this many seconds before '
+        "their image belong to that image's deletion (Glance marks them "
+        'just before the image). Restore revives only those; older '
+        'pending_delete locations were removed on purpose.',
+    ),
+    cfg.IntOpt(
+        'progress_interval',
+        default=10,
+        min=1,
+        help='Seconds between two progress lines of a long --sweep-once.',
+    ),
+]
+
+cli_opts = [
+    cfg.BoolOpt(
+        'sweep-once',
+        default=False,
+        help='Reconcile once: scrub everything due in the Glance database, '
+        'print a summary and exit (0 only if nothing failed).',
+    ),
+    cfg.BoolOpt(
+        'dry-run',
+        default=False,
+        help='With --sweep-once: list what would be scrubbed, change nothing.',
+    ),
+]
+
+
+def register_opts(conf):
+    """Register every file option of scrub-listener on ``conf``."""
+    conf.register_opts(scrubber_compat_opts)
+    conf.register_opts(database_opts, group='database')
+    conf.register_opts(scrub_queue_opts, group='scrub_queue')
+    conf.register_opts(scrubber_opts, group='scrubber')
+
+
+def list_opts():
+    """Options for oslo-config-generator (entry point oslo.config.opts)."""
+    return [
+        ('DEFAULT', scrubber_compat_opts),
+        ('database', database_opts),
+        ('scrub_queue', scrub_queue_opts),
+        ('scrubber', scrubber_opts),
+    ]

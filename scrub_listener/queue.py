@@ -1,0 +1,291 @@
+"""The due-queue: deletions waiting for their time, leases, retries.
+
+One row per deletion (an image, or one location removed from a live
+image), keyed by ``(image_id, location_id, deleted_at)`` so enqueueing is
+idempotent: a redelivered notification or a sweep that finds the same
+deletion again adds nothing.  The due time is fixed when the row is made.
+
+A worker takes rows with a lease (``lease_owner``, ``lease_expires``) and
+removes a row only after the scrub of that deletion is committed in the
+Glance database; a worker that dies leaves its lease to expire and the row
+is taken over.  On MariaDB/PostgreSQL the claim uses ``FOR UPDATE SKIP
+LOCKED`` so instances sharing the queue do not wait on each other; SQLite
+serialises writers (see :mod:`scrub_listener.db`).
+
+The queue only schedules.  Whether data may really be deleted is decided
+again, under lock, in the Glance database (:mod:`scrub_listener.glance_db`),
+so a stale or duplicated row can never delete data it should not.
+"""
+
+import dataclasses
+import datetime
+import random
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite
+
+from scrub_listener import db
+from scrub_listener import glance_db
+
+WHOLE_IMAGE = 0  # location_id of an image deletion (NULLs are not unique)
+
+# MariaDB's DATETIME drops microseconds unless told otherwise, and
+# deleted_at must round-trip exactly: it identifies a deletion.
+_TIMESTAMP = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mysql')
+
+_META = sa.MetaData()
+ENTRIES = sa.Table(
+    'scrub_queue',
+    _META,
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('image_id', sa.String(36), nullable=False),
+    sa.Column('location_id', sa.Integer, nullable=False),
+    sa.Column('deleted_at', _TIMESTAMP, nullable=False),
+    sa.Column('due_at', _TIMESTAMP, nullable=False),
+    sa.Column('next_attempt_at', _TIMESTAMP, nullable=False),
+    sa.Column('attempts', sa.Integer, nullable=False, default=0),
+    sa.Column('last_error', sa.Text),
+    sa.Column('lease_owner', sa.String(255)),
+    sa.Column('lease_expires', _TIMESTAMP),
+    sa.Column('created_at', _TIMESTAMP, nullable=False),
+    sa.UniqueConstraint(
+        'image_id', 'location_id', 'deleted_at', name='uniq_deletion'
+    ),
+    sa.Index('ix_scrub_queue_next_attempt_at', 'next_attempt_at'),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    id: int
+    deletion: glance_db.Deletion
+    due_at: datetime.datetime
+    attempts: int
+    last_error: str | None
+    lease_owner: str | None
+    lease_expires: datetime.datetime | None
+
+
+def _entry(row):
+    location_id = None if row.location_id == WHOLE_IMAGE else row.location_id
+    return Entry(
+        id=row.id,
+        deletion=glance_db.Deletion(row.image_id, location_id, row.deleted_at),
+        due_at=row.due_at,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        lease_owner=row.lease_owner,
+        lease_expires=row.lease_expires,
+    )
+
+
+class DueQueue:
+    """The due-queue table and its operations."""
+
+    def __init__(
+        self, engine, lease_time=600, retry_backoff=30, retry_backoff_max=3600
+    ):
+        self.engine = engine
+        self.lease = datetime.timedelta(seconds=lease_time)
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
+
+    def create_schema(self):
+        """Create the queue table if missing (it is ours, unlike Glance's)."""
+        _META.create_all(self.engine)
+
+    # -- producers ---------------------------------------------------------
+
+    def enqueue(self, items, now=None):
+        """Add ``(Deletion, due_at)`` pairs; return how many were new.
+
+        Idempotent: a deletion already queued (leased or not) is left as
+        it is.
+        """
+        now = now or glance_db.utcnow()
+        values = [
+            {
+                'image_id': deletion.image_id,
+                'location_id': deletion.location_id or WHOLE_IMAGE,
+                'deleted_at': deletion.deleted_at,
+                'due_at': due_at,
+                'next_attempt_at': due_at,
+                'attempts': 0,
+                'created_at': now,
+            }
+            for deletion, due_at in items
+        ]
+        if not values:
+            return 0
+        with self.engine.begin() as conn:
+            return conn.execute(
+                self._insert_ignoring_duplicates(), values
+            ).rowcount
+
+    def _insert_ignoring_duplicates(self):
+        dialect = self.engine.dialect.name
+        if dialect == 'mysql':
+            stmt = mysql.insert(ENTRIES)
+            # no-op update: "ignore" this duplicate key and only this error
+            return stmt.on_duplicate_key_update(id=ENTRIES.c.id)
+        if dialect == 'postgresql':
+            return postgresql.insert(ENTRIES).on_conflict_do_nothing()
+        if dialect == 'sqlite':
+            return sqlite.insert(ENTRIES).on_conflict_do_nothing()
+        raise NotImplementedError(f'due-queue on {dialect} is not supported')
+
+    # -- consumers ---------------------------------------------------------
+
+    def claim(self, owner, limit, now=None, due_before=None):
+        """Lease up to ``limit`` due entries to ``owner``; return them.
+
+        An entry is due when ``next_attempt_at <= due_before`` (default:
+        now) and nobody holds an unexpired lease on it.
+        """
+        now = now or glance_db.utcnow()
+        due_before = due_before or now
+        return db.with_deadlock_retry(
+            lambda: self._claim(owner, limit, now, due_before)
+        )
+
+    def _claim(self, owner, limit, now, due_before):
+        free = sa.or_(
+            ENTRIES.c.lease_expires.is_(None), ENTRIES.c.lease_expires < now
+        )
+        pick = (
+            sa.select(ENTRIES.c.id)
+            .where(ENTRIES.c.next_attempt_at <= due_before, free)
+            .order_by(ENTRIES.c.next_attempt_at, ENTRIES.c.id)
+            .limit(limit)
+        )
+        if not db.is_sqlite(self.engine):
+            # Rows another instance is claiming right now are skipped,
+            # not waited for.
+            pick = pick.with_for_update(skip_locked=True)
+        with self.engine.begin() as conn:
+            ids = list(conn.execute(pick).scalars())
+            if not ids:
+                return []
+            # ``free`` again: without SKIP LOCKED (SQLite) this is the
+            # compare-and-set that makes a double claim impossible.
+            conn.execute(
+                ENTRIES.update()
+                .where(ENTRIES.c.id.in_(ids), free)
+                .values(lease_owner=owner, lease_expires=now + self.lease)
+            )
+            rows = conn.execute(
+                sa.select(ENTRIES)
+                .where(ENTRIES.c.id.in_(ids), ENTRIES.c.lease_owner == owner)
+                .order_by(ENTRIES.c.next_attempt_at, ENTRIES.c.id)
+            ).all()
+        return [_entry(row) for row in rows]
+
+    def complete(self, entries, owner):
+        """Remove finished entries we still hold the lease of."""
+        ids = [e.id for e in entries]
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                ENTRIES.delete().where(
+                    ENTRIES.c.id.in_(ids), ENTRIES.c.lease_owner == owner
+                )
+            )
+
+    def retry_later(self, failures, owner, now=None):
+        """Back off failed entries: ``failures`` is [(Entry, reason)].
+
+        The delay doubles with each attempt (with jitter, so a burst of
+        failures does not come back as a burst), capped at
+        ``retry_backoff_max``.  Attempts and reason stay visible.
+        """
+        now = now or glance_db.utcnow()
+        with self.engine.begin() as conn:
+            for entry, reason in failures:
+                attempts = entry.attempts + 1
+                conn.execute(
+                    ENTRIES.update()
+                    .where(
+                        ENTRIES.c.id == entry.id,
+                        ENTRIES.c.lease_owner == owner,
+                    )
+                    .values(
+                        attempts=attempts,
+                        last_error=reason[:4000],
+                        next_attempt_at=now + self.backoff(attempts),
+                        lease_owner=None,
+                        lease_expires=None,
+                    )
+                )
+
+    def backoff(self, attempts):
+        delay = min(
+            self.retry_backoff * 2 ** (attempts - 1), self.retry_backoff_max
+        )
+        return datetime.timedelta(seconds=delay * random.uniform(0.9, 1.1))
+
+    def release(self, entries, owner, at):
+        """Give entries back untouched, due again at ``at`` (busy ones)."""
+        ids = [e.id for e in entries]
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                ENTRIES.update()
+                .where(ENTRIES.c.id.in_(ids), ENTRIES.c.lease_owner == owner)
+                .values(
+                    next_attempt_at=at, lease_owner=None, lease_expires=None
+                )
+            )
+
+    # -- looking -----------------------------------------------------------
+
+    def next_wakeup(self):
+        """When the earliest entry becomes claimable, or None if empty."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(
+                    sa.func.min(
+                        sa.case(
+                            (
+                                ENTRIES.c.lease_expires.is_not(None),
+                                ENTRIES.c.lease_expires,
+                            ),
+                            else_=ENTRIES.c.next_attempt_at,
+                        )
+                    )
+                )
+            ).scalar()
+
+    def entries_for(self, image_ids):
+        """{image id: [Entry]} for listings."""
+        result = {}
+        if not image_ids:
+            return result
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(ENTRIES).where(
+                    ENTRIES.c.image_id.in_(sorted(image_ids))
+                )
+            ).all()
+        for row in rows:
+            result.setdefault(row.image_id, []).append(_entry(row))
+        return result
+
+    def forget_image(self, image_id):
+        """Drop the entries of an image (after a restore)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                ENTRIES.delete().where(
+                    ENTRIES.c.image_id == image_id,
+                    ENTRIES.c.location_id == WHOLE_IMAGE,
+                )
+            )
+
+    def count(self):
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(sa.func.count()).select_from(ENTRIES)
+            ).scalar()

@@ -1,0 +1,124 @@
+"""Scrub a batch of deletions: claim in Glance, delete data, record it.
+
+Database work is batched (one claim transaction and one finish
+transaction per batch, whatever its size) and runs in the calling thread;
+only store I/O fans out to the futurist pool (``scrub_pool_size``).  That
+split is what makes a sweep fast: glance-scrubber spends its time in
+several ORM round trips per image, one after another.
+"""
+
+import dataclasses
+import logging
+
+from futurist import waiters
+
+from scrub_listener import exceptions
+from scrub_listener import store as store_mod
+
+LOG = logging.getLogger(__name__)
+
+SCRUBBED = 'scrubbed'
+SKIPPED = 'skipped'
+FAILED = 'failed'
+BUSY = 'busy'
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What happened to one Deletion."""
+
+    deletion: object
+    status: str
+    reason: str | None = None
+    locations: int = 0
+    bytes_freed: int = 0
+    image_deleted: bool = False
+    superseded_by: object = None
+
+
+class Scrubber:
+    """Scrubs deletions: Glance DB claim → store deletes → Glance DB finish."""
+
+    def __init__(self, glance_db, stores, executor):
+        self._db = glance_db
+        self._stores = stores
+        self._executor = executor
+
+    def scrub(self, deletions):
+        """Scrub ``deletions``; return one Outcome per deletion, in order."""
+        claims = self._db.claim(deletions)
+        claimed = [loc for c in claims for loc in c.locations]
+        try:
+            verdicts = self._delete_all(claimed)
+        except BaseException:
+            # Hand our claims back rather than leave them "scrubbing"
+            # until lease_time; a delete that did run is idempotent.
+            self._db.finish([], [loc.id for loc in claimed], set())
+            raise
+        done_ids = [i for i, (ok, _, _) in verdicts.items() if ok]
+        failed_ids = [i for i, (ok, _, _) in verdicts.items() if not ok]
+        images = {
+            c.deletion.image_id
+            for c in claims
+            if c.deletion.location_id is None and not (c.skip_reason or c.busy)
+        }
+        # If this raises (Glance DB lost), our locations stay "scrubbing"
+        # and are taken over after lease_time; the data is gone already
+        # or will be deleted again (idempotent).
+        closed = self._db.finish(done_ids, failed_ids, images)
+        return [self._outcome(c, verdicts, closed) for c in claims]
+
+    def _delete_all(self, locations):
+        """{location id: (ok, freed bytes, reason)}, deleting in parallel."""
+        futures = {
+            self._executor.submit(self._delete_one, loc): loc
+            for loc in locations
+        }
+        waiters.wait_for_all(futures)
+        return {loc.id: fut.result() for fut, loc in futures.items()}
+
+    def _delete_one(self, location):
+        if location.shared:
+            LOG.info(
+                'Image %s location %s: a live location points at the same '
+                'data; marking it deleted, keeping the data',
+                location.image_id,
+                location.id,
+            )
+            return True, 0, None
+        try:
+            result = self._stores.delete(location)
+        except (exceptions.StoreError, exceptions.LocationRefused) as exc:
+            LOG.error('Image %s: %s', location.image_id, exc)
+            return False, 0, str(exc)
+        LOG.debug(
+            'Image %s location %s: %s', location.image_id, location.id, result
+        )
+        freed = (location.size or 0) if result == store_mod.DELETED else 0
+        return True, freed, None
+
+    @staticmethod
+    def _outcome(claim, verdicts, closed):
+        outcome = Outcome(claim.deletion, SCRUBBED)
+        if claim.busy:
+            outcome.status = BUSY
+            outcome.reason = 'another worker is scrubbing it'
+            return outcome
+        if claim.skip_reason:
+            outcome.status = SKIPPED
+            outcome.reason = claim.skip_reason
+            outcome.superseded_by = claim.superseded_by
+            return outcome
+        reasons = [f'location {i}: {r}' for i, r in claim.errors]
+        for location in claim.locations:
+            ok, freed, reason = verdicts[location.id]
+            if ok:
+                outcome.locations += 1
+                outcome.bytes_freed += freed
+            else:
+                reasons.append(reason)
+        outcome.image_deleted = claim.deletion.image_id in closed
+        if reasons:
+            outcome.status = FAILED
+            outcome.reason = '; '.join(reasons)
+        return outcome

@@ -1,0 +1,46 @@
+"""Reconcile Glance's pending_delete rows with the due-queue.
+
+The sweep is what makes lost notifications harmless: it pages through the
+Glance database for everything due (deleted images, and locations removed
+from live images) and enqueues it.  Enqueue is idempotent, so running it
+while notifications flow, or on several hosts, only costs a few queries.
+"""
+
+import datetime
+import logging
+
+from scrub_listener import glance_db
+
+LOG = logging.getLogger(__name__)
+
+
+class Sweeper:
+    def __init__(self, glance_db_, queue, scrub_time, page_size):
+        self._db = glance_db_
+        self._queue = queue
+        self._scrub_time = datetime.timedelta(seconds=scrub_time)
+        self._page_size = page_size
+
+    def iter_due(self, now=None):
+        """Yield pages of ``(Deletion, due_at)`` due at ``now``."""
+        now = now or glance_db.utcnow()
+        deleted_before = now - self._scrub_time
+        for pages in (
+            self._db.iter_due_images(deleted_before, self._page_size),
+            self._db.iter_due_removed_locations(
+                deleted_before, self._page_size
+            ),
+        ):
+            for page in pages:
+                yield [(d, d.deleted_at + self._scrub_time) for d in page]
+
+    def sweep(self, now=None):
+        """Enqueue everything due; return (found, newly queued)."""
+        found = queued = 0
+        for page in self.iter_due(now):
+            found += len(page)
+            queued += self._queue.enqueue(page)
+        LOG.info(
+            'Sweep found %d due deletions, %d new in the queue', found, queued
+        )
+        return found, queued
