@@ -67,6 +67,7 @@ def _rows(images, queue, scrub_delta, now):
             row.due_at = entry.due_at
             row.attempts = entry.attempts
             row.last_error = entry.last_error
+            row.next_attempt_at = entry.next_attempt_at
         row.state = _state(row, entry, now)
         yield row
 

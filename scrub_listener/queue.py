@@ -62,6 +62,7 @@ class Entry:
     id: int
     deletion: glance_db.Deletion
     due_at: datetime.datetime
+    next_attempt_at: datetime.datetime
     attempts: int
     last_error: str | None
     lease_owner: str | None
@@ -74,6 +75,7 @@ def _entry(row):
         id=row.id,
         deletion=glance_db.Deletion(row.image_id, location_id, row.deleted_at),
         due_at=row.due_at,
+        next_attempt_at=row.next_attempt_at,
         attempts=row.attempts,
         last_error=row.last_error,
         lease_owner=row.lease_owner,
