@@ -5,7 +5,7 @@ Exit codes are part of the interface: admin scripts branch on them.
 ==  ==================================================================
 0   success
 1   a sweep finished but some deletions failed (they stay queued)
-2   bad usage or bad configuration
+2   bad usage, bad configuration, or not allowed
 3   a database (Glance or due-queue) cannot be reached
 4   restore: no image with that id
 5   restore: the image is not pending_delete
@@ -17,9 +17,26 @@ Exit codes are part of the interface: admin scripts branch on them.
 
 
 class ScrubListenerError(Exception):
-    """Base class; ``str(exc)`` is the message shown to the operator."""
+    """Base class; ``str(exc)`` is the message shown to the operator.
+
+    Built from keyword arguments (``kwargs`` is kept) so that
+    oslo.messaging can carry it over RPC and rebuild the same type on the
+    client: it calls ``cls(*exc.args, **exc.kwargs)``.
+    """
 
     exit_code = 1
+    template = '{reason}'
+
+    def __init__(self, message=None, **kwargs):
+        self.kwargs = kwargs
+        self.message = message or self.template.format(**kwargs)
+        super().__init__(self.message)
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__['kwargs'][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class ConfigError(ScrubListenerError):
@@ -28,22 +45,21 @@ class ConfigError(ScrubListenerError):
 
 class InvalidImageId(ScrubListenerError):
     exit_code = 2
-
-    def __init__(self, image_id):
-        super().__init__(f'{image_id!r} is not a valid image id')
-        self.image_id = image_id
+    template = '{image_id!r} is not a valid image id'
 
 
 class DatabaseUnavailable(ScrubListenerError):
     exit_code = 3
 
 
+class Forbidden(ScrubListenerError):
+    exit_code = 2
+    template = '{action} needs the admin role; {who} does not have it'
+
+
 class ImageNotFound(ScrubListenerError):
     exit_code = 4
-
-    def __init__(self, image_id):
-        super().__init__(f'No image found with ID {image_id}')
-        self.image_id = image_id
+    template = 'No image found with ID {image_id}'
 
 
 class NotRestorable(ScrubListenerError):
@@ -52,36 +68,25 @@ class NotRestorable(ScrubListenerError):
 
 class NotPendingDelete(NotRestorable):
     exit_code = 5
-
-    def __init__(self, image_id, status):
-        super().__init__(
-            f'Image {image_id} is {status}, not pending_delete: '
-            'only a pending_delete image can be restored'
-        )
-        self.image_id = image_id
-        self.status = status
+    template = (
+        'Image {image_id} is {status}, not pending_delete: only a '
+        'pending_delete image can be restored'
+    )
 
 
 class DataGone(NotRestorable):
     exit_code = 6
-
-    def __init__(self, image_id, reason):
-        super().__init__(
-            f'Image {image_id} cannot be restored, its data is gone: {reason}'
-        )
-        self.image_id = image_id
-        self.reason = reason
+    template = (
+        'Image {image_id} cannot be restored, its data is gone: {reason}'
+    )
 
 
 class ScrubInProgress(NotRestorable):
     exit_code = 7
-
-    def __init__(self, image_id):
-        super().__init__(
-            f'Image {image_id} is being scrubbed right now: its data may '
-            'already be partly deleted, refusing to restore'
-        )
-        self.image_id = image_id
+    template = (
+        'Image {image_id} is being scrubbed right now: its data may already '
+        'be partly deleted, refusing to restore'
+    )
 
 
 class ServiceUnavailable(ScrubListenerError):

@@ -186,9 +186,9 @@ def validate_image_id(image_id):
     try:
         uuid.UUID(str(image_id))
     except (TypeError, ValueError, AttributeError):
-        raise exceptions.InvalidImageId(image_id) from None
+        raise exceptions.InvalidImageId(image_id=image_id) from None
     if len(str(image_id)) > 36:
-        raise exceptions.InvalidImageId(image_id)
+        raise exceptions.InvalidImageId(image_id=image_id)
     return str(image_id)
 
 
@@ -593,26 +593,31 @@ class GlanceDB:
         with self.engine.begin() as conn:
             image = self._lock_images(conn, {image_id}).get(image_id)
             if image is None:
-                raise exceptions.ImageNotFound(image_id)
+                raise exceptions.ImageNotFound(image_id=image_id)
             if image.status != PENDING_DELETE:
-                raise exceptions.NotPendingDelete(image_id, image.status)
+                raise exceptions.NotPendingDelete(
+                    image_id=image_id, status=image.status
+                )
             rows = self._deletion_locations(conn, image, deletion_window)
             if any(r.status == SCRUBBING for r in rows):
-                raise exceptions.ScrubInProgress(image_id)
+                raise exceptions.ScrubInProgress(image_id=image_id)
             gone = [r for r in rows if r.status == DELETED]
             revive = [r for r in rows if r.status == PENDING_DELETE]
             if gone:
                 raise exceptions.DataGone(
-                    image_id,
-                    f'{len(gone)} of its {len(rows)} locations were '
+                    image_id=image_id,
+                    reason=f'{len(gone)} of its {len(rows)} locations were '
                     'already scrubbed',
                 )
             if not revive:
-                raise exceptions.DataGone(image_id, 'it has no location left')
+                raise exceptions.DataGone(
+                    image_id=image_id, reason='it has no location left'
+                )
             locations, errors = self._read_locations(revive, image.size)
             if errors:
                 raise exceptions.DataGone(
-                    image_id, f'location {errors[0][0]}: {errors[0][1]}'
+                    image_id=image_id,
+                    reason=f'location {errors[0][0]}: {errors[0][1]}',
                 )
             verify(locations)
             return self._revive(conn, image, [r.id for r in revive], now)

@@ -154,24 +154,25 @@ class Stores:
                 size = glance_store.get_size_from_backend(location.uri)
         except store_exc.NotFound:
             raise exceptions.DataGone(
-                location.image_id,
-                f'location {location.id} is no longer in its store',
+                image_id=location.image_id,
+                reason=f'location {location.id} is no longer in its store',
             ) from None
         except exceptions.LocationRefused as exc:
             raise exceptions.DataGone(
-                location.image_id, f'cannot verify its data: {exc}'
+                image_id=location.image_id,
+                reason=f'cannot verify its data: {exc}',
             ) from exc
         except Exception as exc:
             raise exceptions.DataGone(
-                location.image_id,
-                f'cannot verify location {location.id}: '
+                image_id=location.image_id,
+                reason=f'cannot verify location {location.id}: '
                 f'{type(exc).__name__}: {exc}',
             ) from exc
         if location.size and size and size != location.size:
             raise exceptions.DataGone(
-                location.image_id,
-                f'location {location.id} holds {size} bytes, the image has '
-                f'{location.size}',
+                image_id=location.image_id,
+                reason=f'location {location.id} holds {size} bytes, the '
+                f'image has {location.size}',
             )
 
 
