@@ -303,6 +303,14 @@ def _write_json(path, args, info, runs, rows, extra):
     print(f'results appended to {path}')
 
 
+def _print_run(run):
+    print(run.line(), flush=True)
+    if run.stderr_tail:
+        print('    last stderr lines of the failed run:')
+        for line in run.stderr_tail.splitlines():
+            print(f'    | {line}')
+
+
 def cmd_sweep(args):
     info = machine_info({args.backend, args.queue_backend})
     _print_machine(info)
@@ -316,7 +324,7 @@ def cmd_sweep(args):
             profile_to=args.profile,
             **_common(args),
         )
-        print(run.line(), flush=True)
+        _print_run(run)
         if run.tool_summary:
             print(f'    scrub-listener says: {run.tool_summary}', flush=True)
         runs.append(run)
@@ -353,7 +361,7 @@ def cmd_compare(args):
     skipped = []
 
     def record(run):
-        print(run.line(), flush=True)
+        _print_run(run)
         runs.append(run)
 
     for rep in range(args.repeat):

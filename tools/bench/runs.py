@@ -89,6 +89,7 @@ class Run:
     problems: list = dataclasses.field(default_factory=list)
     tool_summary: str = ''
     profiled: bool = False
+    stderr_tail: str = ''
 
     @property
     def cpu(self):
@@ -210,10 +211,8 @@ def run_once(
         run.verified = not run.problems
         if (not run.ok) and keep_logs:
             _save_logs(load, keep_logs, run)
-        elif not run.ok:
-            run.problems.append(
-                'last stderr lines:\n' + result.stderr_tail(10)
-            )
+        if not run.ok:
+            run.stderr_tail = result.stderr_tail(8)
     return run
 
 
