@@ -51,7 +51,7 @@ class Drain:
         self._scrubber = scrubber
         self.owner = owner
         self._batch_size = batch_size
-        self._scrub_time = datetime.timedelta(seconds=scrub_time)
+        self.scrub_time = scrub_time  # seconds; mutable on SIGHUP
 
     def drain_batch(self, due_before=None):
         """Scrub one batch of due entries; return their Outcomes.
@@ -92,7 +92,8 @@ class Drain:
                 new = glance_db.Deletion(
                     entry.deletion.image_id, None, outcome.superseded_by
                 )
-                renewed.append((new, outcome.superseded_by + self._scrub_time))
+                delay = datetime.timedelta(seconds=self.scrub_time)
+                renewed.append((new, outcome.superseded_by + delay))
         self._queue.enqueue(renewed)
         self._queue.retry_later(failures, self.owner)
         self._queue.release(busy, self.owner, glance_db.utcnow() + BUSY_DELAY)

@@ -5,13 +5,14 @@ Exit codes are part of the interface: admin scripts branch on them.
 ==  ==================================================================
 0   success
 1   a sweep finished but some deletions failed (they stay queued)
-2   bad usage, bad configuration, or not allowed
+2   bad usage or bad configuration
 3   a database (Glance or due-queue) cannot be reached
 4   restore: no image with that id
 5   restore: the image is not pending_delete
 6   restore: the image data is already (partly) gone
 7   restore: a scrub of that image is in progress
 8   restore: the scrub-listener service did not answer
+9   restore over RPC: the caller does not have the admin role
 ==  ==================================================================
 """
 
@@ -53,7 +54,7 @@ class DatabaseUnavailable(ScrubListenerError):
 
 
 class Forbidden(ScrubListenerError):
-    exit_code = 2
+    exit_code = 9
     template = '{action} needs the admin role; {who} does not have it'
 
 

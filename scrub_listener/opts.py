@@ -8,6 +8,8 @@ see :mod:`scrub_listener.store`).  Options of our own live in their own
 groups.  Nothing is registered at import time: call :func:`register_opts`.
 """
 
+import socket
+
 from oslo_config import cfg
 
 # Options glance-scrubber (glance 33.0.0) reads from [DEFAULT], same names,
@@ -17,6 +19,7 @@ scrubber_compat_opts = [
         'scrub_time',
         default=0,
         min=0,
+        mutable=True,
         help='Seconds an image stays in pending_delete before its data is '
         'scrubbed. The due time of a deletion is fixed when it is queued '
         '(deleted_at + scrub_time).',
@@ -52,6 +55,13 @@ scrubber_compat_opts = [
         'enabled_backends',
         help='Glance multi-store backends, "name:type" pairs, as in '
         'glance-api.conf. Unset means glance_store single-store mode.',
+    ),
+    cfg.StrOpt(
+        'host',
+        default=socket.gethostname(),
+        sample_default='<hostname>',
+        help='Name of this host: the RPC server name and part of the lease '
+        'owner shown in listings.',
     ),
     cfg.StrOpt(
         'state_path',
@@ -125,12 +135,101 @@ scrubber_opts = [
     ),
 ]
 
+listener_opts = [
+    cfg.StrOpt(
+        'exchange',
+        default='glance',
+        help='Exchange Glance publishes its notifications to (its '
+        'control_exchange).',
+    ),
+    cfg.ListOpt(
+        'topics',
+        default=['notifications'],
+        help="Notification topics to consume (Glance's "
+        '[oslo_messaging_notifications] topics); the info priority is read.',
+    ),
+    cfg.StrOpt(
+        'pool',
+        default='scrub-listener',
+        help='Listener pool: the RabbitMQ queue is named after it. All '
+        'scrub-listener instances share it (each event is handled once) '
+        'and other consumers of the topic (ceilometer...) keep their own '
+        'copy. The queue is created on first start and is transient unless '
+        '[oslo_messaging_rabbit] amqp_durable_queues or rabbit_quorum_queue '
+        'is set: set one of them so no event is lost over a broker restart.',
+    ),
+    cfg.IntOpt(
+        'batch_size',
+        default=100,
+        min=1,
+        help='Notifications committed to the due-queue per transaction.',
+    ),
+    cfg.FloatOpt(
+        'batch_timeout',
+        default=0.2,
+        min=0.01,
+        help='Seconds to wait for a batch to fill before committing it.',
+    ),
+    cfg.IntOpt(
+        'prefetch',
+        default=200,
+        min=1,
+        help='Unacknowledged notifications held in memory at once (sets '
+        '[oslo_messaging_rabbit] rabbit_qos_prefetch_count unless that is '
+        'set). Bounds memory when a large backlog waits in the broker.',
+    ),
+]
+
+rpc_opts = [
+    cfg.StrOpt(
+        'topic',
+        default='scrub-listener-api',
+        help='RPC topic of the restore/status API. Must differ from '
+        '[listener] pool: RabbitMQ names both queues after them, and a '
+        'shared queue would hand RPC requests to the notification listener.',
+    ),
+    cfg.IntOpt(
+        'timeout',
+        default=60,
+        min=1,
+        help='Seconds scrub-listener-manage waits for the service to answer.',
+    ),
+    cfg.IntOpt(
+        'connect_retries',
+        default=2,
+        min=0,
+        help='How often scrub-listener-manage retries reaching the broker '
+        'before giving up.',
+    ),
+    cfg.ListOpt(
+        'client_roles',
+        default=['admin'],
+        help='Roles scrub-listener-manage puts in its request context. The '
+        'service only restores for callers with the admin role.',
+    ),
+]
+
+service_opts = [
+    cfg.IntOpt(
+        'graceful_shutdown_timeout',
+        default=60,
+        min=0,
+        help='Seconds a stopping service waits for in-flight scrubs.',
+    ),
+]
+
 cli_opts = [
     cfg.BoolOpt(
         'sweep-once',
         default=False,
         help='Reconcile once: scrub everything due in the Glance database, '
         'print a summary and exit (0 only if nothing failed).',
+    ),
+    cfg.StrOpt(
+        'restore',
+        metavar='IMAGE_ID',
+        help="Restore a pending_delete image (glance-scrubber's flag; same "
+        'as scrub-listener-manage restore IMAGE_ID) and exit.',
     ),
     cfg.BoolOpt(
         'dry-run',
@@ -146,6 +245,9 @@ def register_opts(conf):
     conf.register_opts(database_opts, group='database')
     conf.register_opts(scrub_queue_opts, group='scrub_queue')
     conf.register_opts(scrubber_opts, group='scrubber')
+    conf.register_opts(listener_opts, group='listener')
+    conf.register_opts(rpc_opts, group='rpc')
+    conf.register_opts(service_opts, group='service')
 
 
 def list_opts():
@@ -155,4 +257,7 @@ def list_opts():
         ('database', database_opts),
         ('scrub_queue', scrub_queue_opts),
         ('scrubber', scrubber_opts),
+        ('listener', listener_opts),
+        ('rpc', rpc_opts),
+        ('service', service_opts),
     ]

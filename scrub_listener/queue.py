@@ -261,6 +261,35 @@ class DueQueue:
                 )
             ).scalar()
 
+    def stats(self, now):
+        """Counts for status(): queued, due, in progress, failed."""
+        leased = sa.and_(
+            ENTRIES.c.lease_expires.is_not(None), ENTRIES.c.lease_expires > now
+        )
+        due = sa.and_(ENTRIES.c.next_attempt_at <= now, ~leased)
+
+        def count(condition):
+            return sa.func.sum(sa.case((condition, 1), else_=0))
+
+        query = sa.select(
+            sa.func.count(),
+            count(due),
+            count(leased),
+            count(ENTRIES.c.attempts > 0),
+            sa.func.min(ENTRIES.c.due_at),
+        )
+        with self.engine.connect() as conn:
+            total, due_n, leased_n, failed_n, oldest = conn.execute(
+                query
+            ).one()
+        return {
+            'queued': total,
+            'due': int(due_n or 0),
+            'in_progress': int(leased_n or 0),
+            'failing': int(failed_n or 0),
+            'oldest_due_at': oldest.isoformat() + 'Z' if oldest else None,
+        }
+
     def entries_for(self, image_ids):
         """{image id: [Entry]} for listings."""
         result = {}

@@ -18,13 +18,14 @@ class Sweeper:
     def __init__(self, glance_db_, queue, scrub_time, page_size):
         self._db = glance_db_
         self._queue = queue
-        self._scrub_time = datetime.timedelta(seconds=scrub_time)
+        self.scrub_time = scrub_time  # seconds; mutable on SIGHUP
         self._page_size = page_size
 
     def iter_due(self, now=None):
         """Yield pages of ``(Deletion, due_at)`` due at ``now``."""
         now = now or glance_db.utcnow()
-        deleted_before = now - self._scrub_time
+        delay = datetime.timedelta(seconds=self.scrub_time)
+        deleted_before = now - delay
         for pages in (
             self._db.iter_due_images(deleted_before, self._page_size),
             self._db.iter_due_removed_locations(
@@ -32,7 +33,7 @@ class Sweeper:
             ),
         ):
             for page in pages:
-                yield [(d, d.deleted_at + self._scrub_time) for d in page]
+                yield [(d, d.deleted_at + delay) for d in page]
 
     def sweep(self, now=None):
         """Enqueue everything due; return (found, newly queued)."""

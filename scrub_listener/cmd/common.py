@@ -1,5 +1,6 @@
 """What both commands share: configuration, logging, error reporting."""
 
+import dataclasses
 import functools
 import sys
 
@@ -7,8 +8,12 @@ from oslo_config import cfg
 from oslo_log import log as logging
 from sqlalchemy import exc as sa_exc
 
+from scrub_listener import components
 from scrub_listener import exceptions
+from scrub_listener import glance_db
 from scrub_listener import opts
+from scrub_listener import rpc
+from scrub_listener import service
 
 LOG = logging.getLogger(__name__)
 
@@ -62,6 +67,37 @@ def _check_values(conf):
                 getattr(getattr(conf, group), opt.dest)
 
 
+def usage_error(message):
+    return _fail(message, exceptions.ConfigError.exit_code)
+
+
+def restore(conf, image_id, direct):
+    """Restore over RPC (the service does it), or ``direct``ly here."""
+    glance_db.validate_image_id(image_id)
+    if direct:
+        parts = components.build(conf)
+        try:
+            result = dataclasses.asdict(
+                parts.restorer.restore(image_id, requested_by='local admin')
+            )
+        finally:
+            parts.close()
+    else:
+        service.set_messaging_defaults(conf)
+        client = rpc.Client(conf)
+        try:
+            result = client.restore(image_id)
+        finally:
+            client.close()
+    print(
+        f'Image {result["image_id"]} restored to active: '
+        f'{result["locations"]} location(s), {result["properties"]} '
+        f'properties, {result["tags"]} tags, {result["members"]} members '
+        'brought back.'
+    )
+    return 0
+
+
 def _fail(message, code):
     print(f'ERROR: {message}', file=sys.stderr)
     return code
@@ -75,7 +111,9 @@ def reports_errors(main):
         try:
             return main(sys.argv[1:] if argv is None else argv)
         except exceptions.ScrubListenerError as exc:
-            return _fail(exc, exc.exit_code)
+            # .message: an error rebuilt from RPC has the remote traceback
+            # appended to str(exc).
+            return _fail(getattr(exc, 'message', exc), exc.exit_code)
         except cfg.Error as exc:
             return _fail(exc, exceptions.ConfigError.exit_code)
         except sa_exc.OperationalError as exc:

@@ -1,10 +1,13 @@
 """``scrub-listener``: the scrub service, or one pass with --sweep-once."""
 
+import queue
+import signal
 import sys
 
 from scrub_listener import components
 from scrub_listener import oneshot
 from scrub_listener import opts
+from scrub_listener import service
 from scrub_listener.cmd import common
 
 
@@ -14,29 +17,51 @@ def main(argv):
         argv,
         'scrub-listener',
         cli_opts=opts.cli_opts,
-        description='Scrub the data of images Glance deleted lazily.',
+        description='Scrub the data of images Glance deleted lazily: a '
+        'service fed by image.delete notifications, or one pass with '
+        '--sweep-once.',
     )
     if conf.dry_run and not conf.sweep_once:
-        print('ERROR: --dry-run only goes with --sweep-once', file=sys.stderr)
-        return 2
-    if not conf.sweep_once:
-        print(
-            'ERROR: the always-on service is not available yet; use '
-            '--sweep-once',
-            file=sys.stderr,
-        )
-        return 2
+        return common.usage_error('--dry-run only goes with --sweep-once')
+    if conf.restore:
+        if conf.sweep_once:
+            return common.usage_error(
+                '--restore and --sweep-once should not be set together'
+            )
+        # glance-scrubber's flag, kept for habit: same as
+        # `scrub-listener-manage restore IMAGE_ID`.
+        return common.restore(conf, conf.restore, direct=False)
     parts = components.build(conf)
     try:
-        if conf.dry_run:
-            oneshot.dry_run(parts, sys.stdout)
-            return 0
-        stats = oneshot.sweep_once(
-            parts, sys.stdout, conf.scrubber.progress_interval
-        )
+        if conf.sweep_once:
+            return _sweep_once(conf, parts)
+        return _serve(conf, parts)
     finally:
         parts.close()
+
+
+def _sweep_once(conf, parts):
+    if conf.dry_run:
+        oneshot.dry_run(parts, sys.stdout)
+        return 0
+    stats = oneshot.sweep_once(
+        parts, sys.stdout, conf.scrubber.progress_interval
+    )
     return 1 if stats.failed else 0
+
+
+def _serve(conf, parts):
+    server = service.Service(conf, parts)
+    # Handlers only post the signal number (SimpleQueue.put is reentrant,
+    # safe in a handler); the work happens in the main thread below.
+    signals = queue.SimpleQueue()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: signals.put(signum))
+    server.start()
+    while signals.get() == signal.SIGHUP:
+        server.reload()
+    server.stop()
+    return 0
 
 
 if __name__ == '__main__':

@@ -19,6 +19,12 @@ def _add_commands(subparsers):
         'locations, properties, tags and members.',
     )
     restore.add_argument('image_id', metavar='IMAGE_ID')
+    restore.add_argument(
+        '--direct',
+        action='store_true',
+        help='Restore here, straight in the databases, instead of asking '
+        'the running service over RPC (for when it is down).',
+    )
 
     list_ = subparsers.add_parser(
         'list', help='Show the images waiting to be scrubbed.'
@@ -59,23 +65,8 @@ command_opt = cfg.SubCommandOpt(
 def main(argv):
     conf = common.load_config(argv, 'scrub-listener-manage', [command_opt])
     if conf.command.name == 'restore':
-        return _restore(conf, conf.command.image_id)
+        return common.restore(conf, conf.command.image_id, conf.command.direct)
     return _list(conf)
-
-
-def _restore(conf, image_id):
-    glance_db.validate_image_id(image_id)
-    parts = components.build(conf)
-    try:
-        result = parts.restorer.restore(image_id, requested_by='local admin')
-    finally:
-        parts.close()
-    print(
-        f'Image {result.image_id} restored to active: {result.locations} '
-        f'location(s), {result.properties} properties, {result.tags} tags, '
-        f'{result.members} members brought back.'
-    )
-    return 0
 
 
 def _list(conf):

@@ -1,0 +1,125 @@
+"""The ``image.delete`` notification endpoint: events → due-queue rows.
+
+Glance 33.0.0 sends, on exchange ``glance`` with routing key
+``notifications.info``, an ``image.delete`` event whose payload has the
+image ``id``, ``status`` and a ``deleted_at`` rounded to the second (the
+send time, not the database value) and no locations.  So the event only
+says *which* image; its deletion time, which fixes the due time and
+identifies the deletion, is read from the Glance database.
+
+Delivery is at-least-once: the batch is acknowledged after this endpoint
+returns, i.e. after the rows are committed.  Enqueue is idempotent, so a
+redelivered or duplicated event adds nothing.  When a database is down,
+the batch is requeued after a backoff sleep in the listener thread (so a
+failing batch does not loop hot and the broker keeps the messages).
+A malformed event is logged with its reason and dropped: it can never
+succeed, requeueing it would only block the others.
+"""
+
+import datetime
+import logging
+import threading
+import uuid
+
+import oslo_messaging
+from sqlalchemy import exc as sa_exc
+
+from scrub_listener import exceptions
+from scrub_listener import glance_db
+
+LOG = logging.getLogger(__name__)
+
+EVENT_TYPE = 'image.delete'
+
+# Backoff of a batch that failed for a transient reason (DB down).
+RETRY_MIN = 1.0
+RETRY_MAX = 60.0
+
+
+class ImageDeleteEndpoint:
+    """Batch notification endpoint for oslo.messaging's listener."""
+
+    filter_rule = oslo_messaging.NotificationFilter(
+        event_type=r'^image\.delete$'
+    )
+
+    def __init__(self, glance_db_, queue, scrub_time, on_enqueued=None):
+        self._db = glance_db_
+        self._queue = queue
+        self.scrub_time = scrub_time
+        self._on_enqueued = on_enqueued or (lambda: None)
+        self._retry_delay = RETRY_MIN
+        # Set by stop(): cut a backoff sleep short on shutdown.
+        self.stopping = threading.Event()
+
+    def info(self, messages):
+        """Enqueue the deletions of a batch of ``image.delete`` events."""
+        image_ids = set()
+        for message in messages:
+            image_id = self._image_id(message)
+            if image_id is not None:
+                image_ids.add(image_id)
+        if not image_ids:
+            return None
+        try:
+            queued = self._enqueue(image_ids)
+        except (sa_exc.SQLAlchemyError, exceptions.DatabaseUnavailable) as exc:
+            LOG.warning(
+                'Cannot record %d image.delete event(s), requeueing them in '
+                '%.0f s: %s',
+                len(image_ids),
+                self._retry_delay,
+                exc,
+            )
+            self.stopping.wait(self._retry_delay)
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+            return oslo_messaging.NotificationResult.REQUEUE
+        self._retry_delay = RETRY_MIN
+        if queued:
+            self._on_enqueued()
+        return None
+
+    def _enqueue(self, image_ids):
+        deleted_at = self._db.get_deletion_times(image_ids)
+        for image_id in sorted(image_ids - deleted_at.keys()):
+            # Deleted without delayed_delete (data already gone), already
+            # restored, or already scrubbed: nothing for us to do.
+            LOG.debug(
+                'image.delete for %s: not pending_delete, ignored', image_id
+            )
+        delay = datetime.timedelta(seconds=self.scrub_time)
+        return self._queue.enqueue(
+            [
+                (glance_db.Deletion(image_id, None, when), when + delay)
+                for image_id, when in deleted_at.items()
+            ]
+        )
+
+    @staticmethod
+    def _image_id(message):
+        """The valid image id of an event, or None (logged) if malformed."""
+        payload = message.get('payload')
+        metadata = message.get('metadata') or {}
+        reason = None
+        if not isinstance(payload, dict):
+            reason = f'payload is a {type(payload).__name__}, not an object'
+        elif 'id' not in payload:
+            reason = 'payload has no "id"'
+        else:
+            image_id = payload['id']
+            try:
+                if not isinstance(image_id, str):
+                    raise ValueError
+                uuid.UUID(image_id)
+            except ValueError:
+                reason = f'payload "id" {image_id!r:.80} is not an image id'
+            else:
+                return image_id
+        LOG.warning(
+            'Dropping malformed %s notification %s from %s: %s',
+            message.get('event_type'),
+            metadata.get('message_id') if isinstance(metadata, dict) else '?',
+            message.get('publisher_id'),
+            reason,
+        )
+        return None

@@ -1,0 +1,223 @@
+"""The always-on service: who runs what, and in which order.
+
+Threads:
+
+* the oslo.messaging **listener** (batch, pool ``[listener] pool``) turns
+  ``image.delete`` events into due-queue rows and wakes the drain;
+* the **drain** thread claims due rows and scrubs them; store deletes fan
+  out to the futurist pool (``scrub_pool_size``).  It sleeps until the
+  next due time (or a wake-up from the listener), never on a fixed poll;
+* a futurist **PeriodicWorker** runs the sweep every ``wakeup_time``
+  seconds (first run at start), catching what the events missed.  A
+  periodic callback never overlaps itself;
+* the oslo.messaging **RPC server** serves ``restore``/``status``.
+
+Start order: drain, sweep, RPC, listener — everything that consumes work
+is up before work arrives.  Stop order is the reverse for the producers
+(listener first: stop taking events; the broker keeps what we did not
+ack), then the RPC server and the sweep, then the drain finishes the
+batch it has (bounded by ``graceful_shutdown_timeout``) and the pool
+drains.  A batch cut short leaves leases that another instance (or the
+next start) takes over after ``lease_time``: nothing is lost.
+"""
+
+import datetime
+import logging
+import threading
+
+import oslo_messaging
+from futurist import periodics
+from oslo_messaging import opts as messaging_opts
+
+from scrub_listener import exceptions
+from scrub_listener import glance_db
+from scrub_listener import notification
+from scrub_listener import rpc
+
+LOG = logging.getLogger(__name__)
+
+# The drain re-checks the queue at least this often, for rows another
+# instance sharing the queue added (their listener cannot wake us).
+MAX_IDLE = 5.0
+# After an unexpected drain error (database down), wait before retrying.
+ERROR_PAUSE = 5.0
+
+
+def check_messaging_config(conf):
+    if conf.rpc.topic == conf.listener.pool:
+        raise exceptions.ConfigError(
+            f'[rpc] topic and [listener] pool are both {conf.rpc.topic!r}: '
+            'they name RabbitMQ queues and must differ'
+        )
+
+
+def set_messaging_defaults(conf):
+    """Bound the broker backlog held in memory (see [listener] prefetch).
+
+    The rabbit driver reads its options when the transport is built, so
+    they are registered here (from oslo.messaging's own list) to set a
+    default the operator's file still overrides.
+    """
+    for group, opts in messaging_opts.list_opts():
+        if group == 'oslo_messaging_rabbit':
+            conf.register_opts(opts, group=group)
+    conf.set_default(
+        'rabbit_qos_prefetch_count',
+        conf.listener.prefetch,
+        group='oslo_messaging_rabbit',
+    )
+
+
+class Service:
+    def __init__(self, conf, parts):
+        self._conf = conf
+        self._parts = parts
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._drain_thread = None
+        self._endpoint = notification.ImageDeleteEndpoint(
+            parts.glance_db, parts.queue, conf.scrub_time, self._wake.set
+        )
+        self._periodic = periodics.PeriodicWorker(
+            [(self._make_sweep(), None, None)]
+        )
+        self._periodic_thread = None
+        self._listener = None
+        self._rpc_server = None
+        self._transports = []
+
+    # -- building ------------------------------------------------------
+
+    def _make_sweep(self):
+        @periodics.periodic(self._conf.wakeup_time, run_immediately=True)
+        def sweep():
+            try:
+                found, queued = self._parts.sweeper.sweep()
+            except Exception:
+                LOG.exception(
+                    'Sweep failed; retrying in %d s', self._conf.wakeup_time
+                )
+                return
+            if queued:
+                self._wake.set()
+
+        return sweep
+
+    def _build_messaging(self):
+        conf = self._conf
+        check_messaging_config(conf)
+        set_messaging_defaults(conf)
+        notify_transport = oslo_messaging.get_notification_transport(conf)
+        rpc_transport = oslo_messaging.get_rpc_transport(conf)
+        self._transports = [notify_transport, rpc_transport]
+        targets = [
+            oslo_messaging.Target(topic=topic, exchange=conf.listener.exchange)
+            for topic in conf.listener.topics
+        ]
+        self._listener = oslo_messaging.get_batch_notification_listener(
+            notify_transport,
+            targets,
+            [self._endpoint],
+            allow_requeue=True,  # else a failed batch is acked and lost
+            pool=conf.listener.pool,
+            batch_size=conf.listener.batch_size,
+            batch_timeout=conf.listener.batch_timeout,
+        )
+        api = rpc.ScrubListenerAPI(self._parts.restorer, self.status)
+        self._rpc_server = rpc.get_server(conf, rpc_transport, api)
+
+    # -- running -------------------------------------------------------
+
+    def start(self):
+        self._build_messaging()
+        self._drain_thread = threading.Thread(
+            target=self._drain_loop, name='drain', daemon=True
+        )
+        self._drain_thread.start()
+        self._periodic_thread = threading.Thread(
+            target=self._periodic.start, name='sweep', daemon=True
+        )
+        self._periodic_thread.start()
+        self._rpc_server.start()
+        self._listener.start()
+        LOG.info(
+            'scrub-listener started on %s: events from exchange %r topics '
+            '%s (pool %r), RPC topic %r, sweep every %d s, scrub_time %d s, '
+            '%d scrub threads',
+            self._conf.host,
+            self._conf.listener.exchange,
+            self._conf.listener.topics,
+            self._conf.listener.pool,
+            self._conf.rpc.topic,
+            self._conf.wakeup_time,
+            self._conf.scrub_time,
+            self._conf.scrub_pool_size,
+        )
+
+    def stop(self):
+        LOG.info('Stopping: no new events, finishing in-flight scrubs')
+        self._endpoint.stopping.set()
+        for server in (self._listener, self._rpc_server):
+            if server is not None:
+                server.stop()
+        for server in (self._listener, self._rpc_server):
+            if server is not None:
+                server.wait()
+        self._periodic.stop()
+        self._periodic.wait()
+        self._stopping.set()
+        self._wake.set()
+        if self._drain_thread is not None:
+            self._drain_thread.join(
+                self._conf.service.graceful_shutdown_timeout
+            )
+            if self._drain_thread.is_alive():
+                LOG.warning(
+                    'In-flight scrubs did not finish within %d s; '
+                    'their leases will be taken over',
+                    self._conf.service.graceful_shutdown_timeout,
+                )
+        for transport in self._transports:
+            transport.cleanup()
+        LOG.info('Stopped')
+
+    def reload(self):
+        """SIGHUP: re-read the mutable options."""
+        self._conf.mutate_config_files()
+        scrub_time = self._conf.scrub_time
+        self._endpoint.scrub_time = scrub_time
+        self._parts.sweeper.scrub_time = scrub_time
+        self._parts.drain.scrub_time = scrub_time
+        LOG.info('Configuration reloaded: scrub_time %d s', scrub_time)
+
+    def _drain_loop(self):
+        drain = self._parts.drain
+        while not self._stopping.is_set():
+            try:
+                if drain.drain_batch():
+                    continue
+                self._sleep_until_due()
+            except Exception:
+                LOG.exception('Drain failed; retrying in %.0f s', ERROR_PAUSE)
+                self._stopping.wait(ERROR_PAUSE)
+
+    def _sleep_until_due(self):
+        # Clear before looking: a wake-up that lands after the look is
+        # kept and ends the wait at once.
+        self._wake.clear()
+        next_at = self._parts.queue.next_wakeup()
+        timeout = MAX_IDLE
+        if next_at is not None:
+            delta = (next_at - glance_db.utcnow()).total_seconds()
+            timeout = max(0.0, min(delta, MAX_IDLE))
+        if timeout > 0:
+            self._wake.wait(timeout)
+
+    def status(self):
+        stats = self._parts.queue.stats(glance_db.utcnow())
+        return {
+            'host': self._conf.host,
+            'time': datetime.datetime.now(datetime.UTC).isoformat(),
+            'scrub_time': self._conf.scrub_time,
+            **stats,
+        }
