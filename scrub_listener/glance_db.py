@@ -1,10 +1,11 @@
 """The only code that reads or writes Glance's tables.
 
-Glance (33.0.0) marks a delayed delete like this: each live location row
-goes to ``status='pending_delete', deleted=1`` (``deleted_at`` = its own
-now), then the image row goes to ``status='pending_delete', deleted=1`` and
-its properties, tags and members are soft-deleted with the image's
-``deleted_at``.  Glance never reads a location row that is deleted, and
+Glance (33.0.0) marks a delayed delete like this, in one DELETE request:
+each live location row goes to ``status='pending_delete', deleted=1``
+(``deleted_at`` = its own now), the properties are soft-deleted (their own
+now, a few ms later), then the image row goes to ``status='pending_delete',
+deleted=1`` and its tags and members are soft-deleted with the image's
+``deleted_at`` (measured on glance-api 33.0.0; see ``_in_deletion``).  Glance never reads a location row that is deleted, and
 never touches a ``pending_delete`` image again, so the rows below are ours
 to move on.
 
@@ -620,26 +621,40 @@ class GlanceDB:
                     reason=f'location {errors[0][0]}: {errors[0][1]}',
                 )
             verify(locations)
-            return self._revive(conn, image, [r.id for r in revive], now)
+            return self._revive(
+                conn, image, [r.id for r in revive], deletion_window, now
+            )
+
+    @staticmethod
+    def _in_deletion(table, image, deletion_window):
+        """Rows soft-deleted as part of the image's deletion.
+
+        One DELETE request of glance-api 33 soft-deletes, each with its own
+        timestamp, in this order: the locations (pending_delete), the
+        properties (purged by image_update, ~20 ms before the image), then
+        the image with its tags and members (the image's deleted_at).
+        So "part of this deletion" is "deleted within deletion_window
+        before the image".  Rows deleted earlier were removed on purpose
+        from the live image and stay removed.
+        """
+        since = image.deleted_at - datetime.timedelta(seconds=deletion_window)
+        return sa.and_(
+            table.c.image_id == image.id,
+            table.c.deleted == sa.true(),
+            table.c.deleted_at >= since,
+            table.c.deleted_at <= image.deleted_at,
+        )
 
     def _deletion_locations(self, conn, image, deletion_window):
-        # The rows Glance soft-deleted as part of this deletion: just
-        # before the image row.  Older pending_delete rows were removed on
-        # purpose from the live image and stay removed.
-        since = image.deleted_at - datetime.timedelta(seconds=deletion_window)
         query = (
             sa.select(LOCATIONS)
-            .where(
-                LOCATIONS.c.image_id == image.id,
-                LOCATIONS.c.deleted == sa.true(),
-                LOCATIONS.c.deleted_at >= since,
-            )
+            .where(self._in_deletion(LOCATIONS, image, deletion_window))
             .order_by(LOCATIONS.c.id)
             .with_for_update()
         )
         return conn.execute(query).all()
 
-    def _revive(self, conn, image, location_ids, now):
+    def _revive(self, conn, image, location_ids, deletion_window, now):
         conn.execute(
             LOCATIONS.update()
             .where(
@@ -660,11 +675,7 @@ class GlanceDB:
         counts = [
             conn.execute(
                 table.update()
-                .where(
-                    table.c.image_id == image.id,
-                    table.c.deleted == sa.true(),
-                    table.c.deleted_at == image.deleted_at,
-                )
+                .where(self._in_deletion(table, image, deletion_window))
                 .values(deleted=False, deleted_at=None, updated_at=now)
             ).rowcount
             for table in CHILD_TABLES

@@ -120,12 +120,13 @@ scrubber_opts = [
     ),
     cfg.IntOpt(
         'deletion_window',
-        default=300,
+        default=60,
         min=0,
-        help='Location rows soft-deleted at most this many seconds before '
-        "their image belong to that image's deletion (Glance marks them "
-        'just before the image). Restore revives only those; older '
-        'pending_delete locations were removed on purpose.',
+        help='Rows of an image (locations, properties, tags, members) '
+        'soft-deleted at most this many seconds before the image belong to '
+        'its deletion: glance-api stamps each with its own time during one '
+        'DELETE request. Restore brings back those only; rows deleted '
+        'earlier were removed on purpose and stay removed.',
     ),
     cfg.IntOpt(
         'progress_interval',
