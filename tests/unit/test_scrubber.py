@@ -1,0 +1,192 @@
+"""scrub_listener.scrubber.Scrubber: real Glance rows, a fake store."""
+
+import os
+
+import futurist
+import pytest
+
+from scrub_listener import exceptions
+from scrub_listener import glance_db
+from scrub_listener import scrubber
+from tests.unit.conftest import ago
+from tests.unit.conftest import path_of
+
+
+@pytest.fixture(scope='module')
+def executor():
+    # module scope: futurist's shutdown waits ~1 s for idle workers
+    pool = futurist.ThreadPoolExecutor(max_workers=3)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture
+def scrub(gdb, stores, executor):
+    return scrubber.Scrubber(gdb, stores, executor)
+
+
+def _statuses(glance, image_id):
+    return {r.id: r.status for r in glance.locations(image_id)}
+
+
+def test_scrub_deletes_data_and_rows(glance, scrub, stores):
+    images = [glance.make_image(data=b'x' * n) for n in (100, 200, 300)]
+    outcomes = scrub.scrub([glance.deletion(i) for i in images])
+    assert [o.status for o in outcomes] == [scrubber.SCRUBBED] * 3
+    assert [o.bytes_freed for o in outcomes] == [100, 200, 300]
+    assert all(o.image_deleted and o.locations == 1 for o in outcomes)
+    for image_id in images:
+        assert glance.image(image_id).status == 'deleted'
+        assert set(_statuses(glance, image_id).values()) == {'deleted'}
+        assert not os.path.exists(glance.path(image_id))
+
+
+def test_one_failing_location_keeps_the_image_pending(glance, scrub, stores):
+    image = glance.make_image()
+    bad_url = glance.write_file('bad')
+    bad = glance.add_location(image, bad_url, status='pending_delete')
+    stores.fail[bad_url] = exceptions.StoreError('location x: disk on fire')
+    other = glance.make_image()
+
+    [failed, ok] = scrub.scrub(
+        [glance.deletion(image), glance.deletion(other)]
+    )
+
+    assert failed.status == scrubber.FAILED
+    assert 'disk on fire' in failed.reason
+    assert failed.locations == 1  # the good one is gone
+    assert not failed.image_deleted
+    assert glance.image(image).status == 'pending_delete'
+    statuses = _statuses(glance, image)
+    assert statuses.pop(bad) == 'pending_delete'  # back, for a retry
+    assert set(statuses.values()) == {'deleted'}
+    assert os.path.exists(path_of(bad_url))
+    assert not os.path.exists(glance.path(image))
+    # the other image of the batch is not held back
+    assert ok.status == scrubber.SCRUBBED
+    assert glance.image(other).status == 'deleted'
+
+    # the retry after the store recovered finishes the job
+    del stores.fail[bad_url]
+    [retry] = scrub.scrub([glance.deletion(image)])
+    assert retry.status == scrubber.SCRUBBED and retry.image_deleted
+    assert glance.image(image).status == 'deleted'
+
+
+def test_refused_location_fails_and_keeps_the_data(glance, gdb, executor):
+    class RefusingStores:
+        def delete(self, location):
+            raise exceptions.LocationRefused(
+                f'location {location.id}: outside the store'
+            )
+
+    image = glance.make_image()
+    [outcome] = scrubber.Scrubber(gdb, RefusingStores(), executor).scrub(
+        [glance.deletion(image)]
+    )
+    assert outcome.status == scrubber.FAILED
+    assert 'outside the store' in outcome.reason
+    assert os.path.exists(glance.path(image))
+    assert set(_statuses(glance, image).values()) == {'pending_delete'}
+
+
+def test_shared_data_is_kept(glance, scrub, stores):
+    live = glance.make_image(status='active')
+    url = 'file://' + glance.path(live)
+    dead = glance.make_image(locations=[(url, {'store': 'fs'})])
+
+    [outcome] = scrub.scrub([glance.deletion(dead)])
+
+    assert outcome.status == scrubber.SCRUBBED
+    assert outcome.bytes_freed == 0
+    assert stores.calls == []
+    assert os.path.exists(glance.path(live))
+    assert glance.image(dead).status == 'deleted'
+    assert set(_statuses(glance, dead).values()) == {'deleted'}
+    assert set(_statuses(glance, live).values()) == {'active'}
+
+
+def test_already_gone_counts_as_scrubbed(glance, scrub):
+    image = glance.make_image()
+    os.unlink(glance.path(image))
+    [outcome] = scrub.scrub([glance.deletion(image)])
+    assert outcome.status == scrubber.SCRUBBED
+    assert outcome.bytes_freed == 0
+    assert glance.image(image).status == 'deleted'
+
+
+def test_restored_image_is_skipped(glance, gdb, scrub, stores):
+    image = glance.make_image()
+    deletion = glance.deletion(image)
+    gdb.restore(image, lambda locations: None, 60)
+    [outcome] = scrub.scrub([deletion])
+    assert outcome.status == scrubber.SKIPPED
+    assert stores.calls == []
+    assert os.path.exists(glance.path(image))
+
+
+def test_superseded_deletion_is_reported(glance, gdb, scrub, stores):
+    image = glance.make_image(deleted_at=ago(600))
+    old = glance.deletion(image)
+    gdb.restore(image, lambda locations: None, 60)
+    glance.glance_delete(image, ago(5))
+    [outcome] = scrub.scrub([old])
+    assert outcome.status == scrubber.SKIPPED
+    assert outcome.superseded_by == glance.image(image).deleted_at
+    assert stores.calls == []
+
+
+def test_busy_image_is_left_alone(glance, gdb, scrub, stores):
+    image = glance.make_image()
+    gdb.claim([glance.deletion(image)])  # another worker has it
+    [outcome] = scrub.scrub([glance.deletion(image)])
+    assert outcome.status == scrubber.BUSY
+    assert stores.calls == []
+    assert os.path.exists(glance.path(image))
+
+
+def test_corrupt_location_fails_the_deletion(glance, scrub, stores):
+    image = glance.make_image()
+    bad = glance.add_location(image, 'file:///x', status='pending_delete')
+    glance.update('image_locations', bad, meta_data='{not json')
+    [outcome] = scrub.scrub([glance.deletion(image)])
+    assert outcome.status == scrubber.FAILED
+    assert f'location {bad}' in outcome.reason
+    assert glance.image(image).status == 'pending_delete'
+
+
+def test_image_row_without_locations_is_closed(glance, scrub):
+    image = glance.make_image(locations=[])
+    [outcome] = scrub.scrub([glance.deletion(image)])
+    assert outcome.status == scrubber.SCRUBBED
+    assert outcome.image_deleted
+    assert glance.image(image).status == 'deleted'
+
+
+def test_removed_location_of_live_image(glance, scrub):
+    live = glance.make_image(status='active')
+    url = glance.write_file('old')
+    removed = glance.add_location(live, url)
+    glance.remove_location(removed, ago(100))
+    [outcome] = scrub.scrub([glance_db.Deletion(live, removed, ago(100))])
+    assert outcome.status == scrubber.SCRUBBED
+    assert not outcome.image_deleted
+    assert glance.image(live).status == 'active'
+    assert not os.path.exists(path_of(url))
+    assert os.path.exists(glance.path(live))
+
+
+def test_unexpected_error_hands_claims_back(glance, gdb, stores):
+    class Exploding:
+        def submit(self, func, *args):
+            raise RuntimeError('pool is gone')
+
+    image = glance.make_image()
+    with pytest.raises(RuntimeError):
+        scrubber.Scrubber(gdb, stores, Exploding()).scrub(
+            [glance.deletion(image)]
+        )
+    # not left "scrubbing" until lease_time: restorable right away
+    assert set(_statuses(glance, image).values()) == {'pending_delete'}
+    gdb.restore(image, lambda locations: None, 60)
+    assert glance.image(image).status == 'active'
