@@ -5,8 +5,9 @@ sweep
     MariaDB Glance DB, SQLite due-queue), one line per run + a summary.
 compare
     The same workload for glance-scrubber 33.0.0 and scrub-listener,
-    alternating A B A B, with start-up-only runs (N = 0) to separate
-    start-up from scrubbing; scale curves over ``--sizes`` and
+    alternating A B A B, with fixed-cost runs (N = 1: start-up, imports,
+    pool start and shutdown) to separate the fixed cost from the per-image
+    cost; scale curves over ``--sizes`` and
     ``--pools``; ``--delete-delay`` for the slow-store scenario.
 plot
     PNG plots from the JSON files of earlier runs.
@@ -24,6 +25,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 
 from tools import harness
 from tools.bench import runs as runs_mod
@@ -66,6 +68,21 @@ def _add_workload_args(parser, n_default, pool_default):
         default=5,
         help='active images created alongside, that must survive '
         '(default: %(default)s)',
+    )
+    parser.add_argument(
+        '--code',
+        metavar='REV',
+        help='measure scrub_listener/ as committed at git revision REV '
+        '(exported to a temp dir put first on PYTHONPATH) instead of the '
+        'working tree',
+    )
+    parser.add_argument(
+        '--live',
+        type=int,
+        default=0,
+        help='also this many live (active) images of 1 KiB, made in bulk, '
+        'whose files must survive: a real Glance DB has many more live '
+        'locations than deleted ones (default: %(default)s)',
     )
     parser.add_argument(
         '--queue-backend',
@@ -164,7 +181,7 @@ def build_parser():
     compare.add_argument(
         '--no-startup',
         action='store_true',
-        help='skip the start-up-only runs (N = 0)',
+        help='skip the fixed-cost runs (N = 1)',
     )
     compare.add_argument(
         '--plot',
@@ -177,6 +194,11 @@ def build_parser():
     plot.add_argument(
         '--out', required=True, metavar='PREFIX', help='PREFIX-*.png'
     )
+
+    report = sub.add_parser(
+        'report', help='Markdown tables from --json files (for the docs)'
+    )
+    report.add_argument('json_files', nargs='+')
 
     profile = sub.add_parser(
         'profile', help='summarize a py-spy raw profile by function'
@@ -270,6 +292,8 @@ def _common(args):
         'delay_per_mib': args.delete_delay_per_mib,
         'timeout': args.timeout,
         'keep_logs': args.keep_logs,
+        'live': args.live,
+        'code_dir': args.code_dir,
     }
 
 
@@ -366,12 +390,18 @@ def cmd_compare(args):
 
     for rep in range(args.repeat):
         if not args.no_startup:
-            # Start-up cost alone (N = 0) at every pool size, A B order.
+            # Fixed cost (N = 1) at every pool size.  Not N = 0: with no
+            # work, scrub-listener never starts its pool, and the pool's
+            # shutdown is part of the fixed cost.
             for pool in pools:
                 for tool in tools:
                     record(
                         runs_mod.run_once(
-                            tool, n=0, pool=pool, rep=rep, **_common(args)
+                            tool,
+                            n=runs_mod.FIXED_N,
+                            pool=pool,
+                            rep=rep,
+                            **_common(args),
                         )
                     )
         for n in sizes:
@@ -422,6 +452,80 @@ def cmd_plot(args):
     return 0
 
 
+def _md_spread(triple, fmt):
+    med, lo, hi = triple
+    return f'{format(med, fmt)} ({format(lo, fmt)}–{format(hi, fmt)})'
+
+
+def markdown_tables(entries):
+    """Markdown lines: one table per --json entry, straight from it."""
+    lines = []
+    for entry in entries:
+        lines.append(f'`{_command_line(entry)}`')
+        lines.append('')
+        lines.append(
+            '| tool | N | pool | store delay | live images | ok/runs | '
+            'images/s | '
+            'net images/s | wall s | CPU s | peak RSS MiB | SL vs GS |'
+        )
+        lines.append('|' + '---|' * 12)
+        for row in entry['summary']:
+            cells = [
+                row['tool'],
+                f'{row["n"]:,}',
+                str(row['pool']),
+                f'{row["delay"] * 1000:g} ms' if row['delay'] else '-',
+                f'{row.get("live", 0):,}',
+                f'{row["ok"]}/{row["reps"]}',
+            ]
+            if 'rate' in row:
+                cells += [
+                    _md_spread(row['rate'], '.0f') if row['n'] else '-',
+                    f'{row["net_rate"]:.0f}' if 'net_rate' in row else '-',
+                    _md_spread(row['wall'], '.2f'),
+                    _md_spread(row['cpu'], '.2f'),
+                    _md_spread(row['rss_mib'], '.0f'),
+                ]
+            else:
+                cells += ['no verified run', '', '', '', '']
+            ratio = ''
+            if 'ratio' in row:
+                ratio = f'{row["ratio"]:.1f}× images/s'
+                if 'net_ratio' in row:
+                    ratio += f' ({row["net_ratio"]:.1f}× net)'
+                ratio += (
+                    f', {row["cpu_ratio"]:.1f}× less CPU, '
+                    f'{row["rss_ratio"]:.2f}× less RSS'
+                )
+            cells.append(ratio)
+            lines.append('| ' + ' | '.join(cells) + ' |')
+        for tool, n, pool in entry.get('skipped', []):
+            lines.append(
+                f'| {tool} | {n:,} | {pool} | | | skipped (N > '
+                f'--scrubber-max-n) | | | | | | |'
+            )
+        lines.append('')
+    return lines
+
+
+def _command_line(entry):
+    command = entry['command']
+    # sys.argv[0] is the path of __main__.py under ``python -m``.
+    if command.split(' ', 1)[0].endswith('__main__.py'):
+        command = 'python -m tools.bench ' + command.split(' ', 1)[1]
+    return command
+
+
+def cmd_report(args):
+    entries = []
+    for path in args.json_files:
+        with open(path) as f:
+            entries.extend(json.load(f))
+    for line in markdown_tables(entries):
+        print(line)
+    return 0
+
+
 def cmd_profile(args):
     from tools.bench import profile
 
@@ -432,6 +536,17 @@ def cmd_profile(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if getattr(args, 'code', None):
+        with tempfile.TemporaryDirectory(prefix='sl_bench_code_') as tmp:
+            args.code_commit = runs_mod.export_code(args.code, tmp)
+            args.code_dir = tmp
+            print(f'# scrub_listener/ as committed at {args.code_commit}')
+            return _dispatch(args)
+    args.code_dir = None
+    return _dispatch(args)
+
+
+def _dispatch(args):
     if args.command == 'compare':
         args.visibility_note = (
             '# images are visibility=shared: glance-scrubber 33.0.0 never '
@@ -441,6 +556,7 @@ def main(argv=None):
         'sweep': cmd_sweep,
         'compare': cmd_compare,
         'plot': cmd_plot,
+        'report': cmd_report,
         'profile': cmd_profile,
     }[args.command]
     try:

@@ -45,7 +45,9 @@ class ChildResult:
             return ''.join(f.readlines()[-lines:])
 
 
-def run_child(argv, stdout_path, stderr_path, env=None, timeout=None):
+def run_child(
+    argv, stdout_path, stderr_path, env=None, timeout=None, cwd=None
+):
     """Run ``argv`` to completion; return a :class:`ChildResult`.
 
     stdout/stderr go to files, never pipes: a chatty child must not block
@@ -60,6 +62,7 @@ def run_child(argv, stdout_path, stderr_path, env=None, timeout=None):
             stderr=err,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=cwd,
             start_new_session=True,
         )
         killed = threading.Event()

@@ -19,6 +19,9 @@ matplotlib.use('Agg')
 from matplotlib import pyplot  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
+# N = 1 runs measure the fixed cost per process; they are not a point
+# of a curve.
+FIXED_N = 1
 _PLAIN = ticker.FuncFormatter(lambda v, _: f'{v:,.0f}')
 COLORS = {'scrub-listener': 'tab:blue', 'glance-scrubber': 'tab:red'}
 LINES = ('-', '--', ':', '-.')
@@ -65,7 +68,7 @@ def _series(rows, group, x):
 
 
 def plot_scale(rows, path, machine):
-    rows = [r for r in rows if r['n'] > 0 and 'rate' in r]
+    rows = [r for r in rows if r['n'] > FIXED_N and 'rate' in r]
     fig, (ax_rate, ax_rss) = pyplot.subplots(1, 2, figsize=(11, 4.5))
     pools = {r['pool'] for r in rows}
     for (tool, pool, delay), points in _series(
@@ -120,7 +123,7 @@ def plot_scale(rows, path, machine):
 
 
 def plot_pools(rows, path, machine):
-    rows = [r for r in rows if r['n'] > 0 and 'rate' in r]
+    rows = [r for r in rows if r['n'] > FIXED_N and 'rate' in r]
     fig, ax = pyplot.subplots(figsize=(7, 4.5))
     for (tool, delay, n), points in _series(
         rows, ('tool', 'delay', 'n'), 'pool'
@@ -172,7 +175,7 @@ def plot_rows(rows, prefix, machine):
     by_tool_n = {}
     by_tool_pool = {}
     for row in rows:
-        if row['n'] > 0:
+        if row['n'] > FIXED_N:
             by_tool_n.setdefault(row['tool'], set()).add(row['n'])
             by_tool_pool.setdefault(row['tool'], set()).add(row['pool'])
     if any(len(ns) > 1 for ns in by_tool_n.values()):

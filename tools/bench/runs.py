@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 
 from tools.bench import measure
@@ -28,6 +29,8 @@ from tools.bench import workload as workload_mod
 
 TOOLS = ('scrub-listener', 'glance-scrubber')
 SHORT = {'scrub-listener': 'SL', 'glance-scrubber': 'GS'}
+#: N of the runs that measure a tool's fixed cost per process.
+FIXED_N = 1
 SLOWSTORE_DIR = os.path.join(os.path.dirname(__file__), 'slowstore')
 
 _DONE = re.compile(r'^Done: (?P<text>.*)$', re.MULTILINE)
@@ -52,9 +55,37 @@ def command(tool, config):
     raise ValueError(f'unknown tool {tool!r}')
 
 
-def child_env(delete_delay=0.0, delete_delay_per_mib=0.0):
+def export_code(rev, directory):
+    """Export ``scrub_listener/`` at git revision ``rev`` into directory.
+
+    Put first on the children's PYTHONPATH, it shadows the editable
+    install (whose import finder comes after the path finder), so a run
+    measures that commit, not a working tree others are editing.
+    Returns the short commit hash.
+    """
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    commit = subprocess.run(
+        ['git', '-C', repo, 'rev-parse', '--short', rev],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    archive = subprocess.run(
+        ['git', '-C', repo, 'archive', commit, 'scrub_listener'],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(['tar', '-x', '-C', directory], input=archive, check=True)
+    return commit
+
+
+def child_env(delete_delay=0.0, delete_delay_per_mib=0.0, code_dir=None):
     """Environment for both tools; with a delay, the slow-store patch."""
     env = dict(os.environ)
+    if code_dir:
+        env['PYTHONPATH'] = os.pathsep.join(
+            p for p in (code_dir, env.get('PYTHONPATH')) if p
+        )
     # The same for both tools: deprecation warnings off (their cost and
     # noise are not what we measure).
     env['PYTHONWARNINGS'] = 'ignore'
@@ -69,7 +100,7 @@ def child_env(delete_delay=0.0, delete_delay_per_mib=0.0):
 
 @dataclasses.dataclass
 class Run:
-    """One measured run (``n == 0``: a start-up-only run)."""
+    """One measured run (``n == FIXED_N``: a fixed-cost run)."""
 
     tool: str
     backend: str
@@ -90,6 +121,7 @@ class Run:
     tool_summary: str = ''
     profiled: bool = False
     stderr_tail: str = ''
+    live: int = 0
 
     @property
     def cpu(self):
@@ -117,6 +149,8 @@ class Run:
             what += f' queue={self.queue_backend}'
         if self.delay:
             what += f' delay={self.delay * 1000:g}ms'
+        if self.live:
+            what += f' live={self.live}'
         numbers = (
             f'wall {self.wall:7.2f} s  cpu {self.cpu:7.2f} s '
             f'(user {self.user:.2f} + sys {self.sys:.2f})  '
@@ -152,6 +186,8 @@ def run_once(
     profile_to=None,
     visibility='shared',
     keep_logs=None,
+    live=0,
+    code_dir=None,
 ):
     """Build a fresh workload, run ``tool`` on it, verify, clean up."""
     run = Run(
@@ -163,6 +199,7 @@ def run_once(
         pool,
         delay,
         rep,
+        live=live,
     )
     load = workload_mod.Workload(
         backend=backend,
@@ -171,6 +208,7 @@ def run_once(
         keep=keep,
         queue_backend=queue_backend if tool == 'scrub-listener' else 'sqlite',
         visibility=visibility,
+        live=live,
     )
     with load:
         config = load.write_config(tool, pool)
@@ -195,7 +233,10 @@ def run_once(
             argv,
             load.path('logs', 'stdout'),
             load.path('logs', 'stderr'),
-            env=child_env(delay, delay_per_mib),
+            env=child_env(delay, delay_per_mib, code_dir),
+            # not the repo: a python child would import scrub_listener
+            # from its cwd before PYTHONPATH (``--code``)
+            cwd=load.workdir,
             timeout=timeout,
         )
         run.wall, run.user, run.sys = result.wall, result.user, result.sys
@@ -235,7 +276,7 @@ def spread(values):
 
 
 def group_key(run):
-    return (run.n, run.size, run.pool, run.delay, run.backend)
+    return (run.n, run.size, run.pool, run.delay, run.backend, run.live)
 
 
 def summarize(runs):
@@ -246,7 +287,7 @@ def summarize(runs):
     startup = _startup_walls(runs)
     rows = []
     for (key, tool), group in sorted(groups.items()):
-        n, size, pool, delay, backend = key
+        n, size, pool, delay, backend, live = key
         good = [r for r in group if r.ok]
         row = {
             'tool': tool,
@@ -255,6 +296,7 @@ def summarize(runs):
             'pool': pool,
             'delay': delay,
             'backend': backend,
+            'live': live,
             'queue_backend': group[0].queue_backend,
             'reps': len(group),
             'ok': len(good),
@@ -262,11 +304,12 @@ def summarize(runs):
         if good:
             for name in ('rate', 'wall', 'cpu', 'rss_mib'):
                 row[name] = spread([getattr(r, name) for r in good])
-            base = startup.get((tool, pool, delay, backend))
-            if n and base is not None and row['wall'][0] > base:
-                # Images/s without interpreter start-up and imports: N over
-                # (median wall - median wall of the same tool on N = 0).
-                row['net_rate'] = n / (row['wall'][0] - base)
+            base = startup.get((tool, pool, delay, backend, live))
+            if n > FIXED_N and base is not None and row['wall'][0] > base:
+                # Per-image throughput without the fixed cost (start-up,
+                # imports, pool start/stop): (N - 1) over (median wall -
+                # median wall of the same tool on N = 1).
+                row['net_rate'] = (n - FIXED_N) / (row['wall'][0] - base)
         rows.append(row)
     _add_ratios(rows)
     return rows
@@ -275,8 +318,8 @@ def summarize(runs):
 def _startup_walls(runs):
     walls = {}
     for run in runs:
-        if run.n == 0 and run.ok:
-            key = (run.tool, run.pool, run.delay, run.backend)
+        if run.n == FIXED_N and run.ok:
+            key = (run.tool, run.pool, run.delay, run.backend, run.live)
             walls.setdefault(key, []).append(run.wall)
     return {k: statistics.median(v) for k, v in walls.items()}
 
@@ -285,6 +328,7 @@ def _add_ratios(rows):
     by_key = {}
     for row in rows:
         key = (row['n'], row['size'], row['pool'], row['delay'])
+        key += (row.get('live', 0),)
         by_key.setdefault(key, {})[row['tool']] = row
     for pair in by_key.values():
         sl, gs = pair.get('scrub-listener'), pair.get('glance-scrubber')
@@ -308,7 +352,8 @@ def summary_lines(rows):
     """Human-readable summary table: median [min..max] per measure."""
     lines = [
         'Summary (median [min..max] over the verified runs; images/s = '
-        'N / wall of the whole process; net = N / (wall - wall at N=0))'
+        'N / wall of the whole process; net = (N - 1) / (wall - wall at '
+        'N=1), i.e. without the fixed cost per process)'
     ]
     for row in rows:
         head = (
@@ -317,6 +362,8 @@ def summary_lines(rows):
         )
         if row['delay']:
             head += f' delay={row["delay"] * 1000:g}ms'
+        if row.get('live'):
+            head += f' live={row["live"]}'
         head += f' ({row["ok"]}/{row["reps"]} ok)'
         if 'rate' not in row:
             lines.append(f'{head}  no verified run')

@@ -48,8 +48,12 @@ class Workload:
         keep=5,
         queue_backend='sqlite',
         visibility='shared',
+        live=0,
+        live_size=1024,
     ):
         self.backend = backend
+        self.live = live
+        self.live_size = live_size
         self.count = count
         self.size = size
         self.keep = keep
@@ -60,6 +64,7 @@ class Workload:
         self.queue_url = None
         self.pending_ids = []
         self.kept = {}  # image id -> (path, sha256)
+        self.live_ids = set()  # bulk active images: data file must stay
 
     # -- paths -------------------------------------------------------------
 
@@ -96,6 +101,8 @@ class Workload:
     def _populate(self):
         engine = sa.create_engine(self.glance_url, poolclass=pool.NullPool)
         try:
+            if self.live:
+                self._populate_live(engine)
             if self.count:
                 self.pending_ids = glance_rows.bulk_pending_images(
                     engine, self.store_dir, self.count, self.size
@@ -123,6 +130,33 @@ class Workload:
                 self.kept[image_id] = (path, _digest(path))
         finally:
             engine.dispose()
+
+    def _populate_live(self, engine):
+        # Many active images, written in bulk as pending_delete rows and
+        # then made live: a real Glance DB has far more live locations
+        # than deleted ones, and the shared-data check ("does a live
+        # location point at the same data?") has to look at them.
+        # Before the pending images, so "every row so far" is these.
+        self.live_ids = set(
+            glance_rows.bulk_pending_images(
+                engine, self.store_dir, self.live, self.live_size
+            )
+        )
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE images SET status = 'active', deleted = :f, "
+                    'deleted_at = NULL'
+                ),
+                {'f': False},
+            )
+            conn.execute(
+                sa.text(
+                    "UPDATE image_locations SET status = 'active', "
+                    'deleted = :f, deleted_at = NULL'
+                ),
+                {'f': False},
+            )
 
     # -- configuration -----------------------------------------------------
 
@@ -207,9 +241,9 @@ class Workload:
         if self.count:
             want_images[('deleted', True)] = self.count
             want_locations[('deleted', 'deleted', True)] = self.count
-        if self.keep:
-            want_images[('active', False)] = self.keep
-            want_locations[('active', 'active', False)] = self.keep
+        if self.keep or self.live:
+            want_images[('active', False)] = self.keep + self.live
+            want_locations[('active', 'active', False)] = self.keep + self.live
         if images != want_images:
             problems.append(
                 f'image rows (status, deleted): {dict(images)}, '
@@ -226,7 +260,13 @@ class Workload:
                     f'kept image {image_id} is {kept_rows.get(image_id)}'
                 )
         left = set(os.listdir(self.store_dir))
-        extra = left - set(self.kept)
+        extra = left - set(self.kept) - self.live_ids
+        lost = self.live_ids - left
+        if lost:
+            problems.append(
+                f'{len(lost)} data file(s) of live images deleted, '
+                f'e.g. {sorted(lost)[0]}'
+            )
         if extra:
             problems.append(
                 f'{len(extra)} data file(s) of scrubbed images left, '
