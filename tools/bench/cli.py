@@ -259,6 +259,16 @@ def machine_info(backends=()):
             cwd=os.path.dirname(__file__),
             timeout=10,
         ).stdout.strip()
+        dirty = subprocess.run(
+            ['git', 'status', '--porcelain', '--', 'scrub_listener'],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+            timeout=10,
+        ).stdout.strip()
+        # The working tree is what an editable install runs: say whether
+        # it differed from the commit (others may be editing it).
+        info['scrub_listener_uncommitted_changes'] = bool(dirty)
     except (OSError, subprocess.SubprocessError):
         pass
     return info
@@ -463,6 +473,8 @@ def markdown_tables(entries):
     for entry in entries:
         lines.append(f'`{_command_line(entry)}`')
         lines.append('')
+        lines.append(_code_line(entry))
+        lines.append('')
         lines.append(
             '| tool | N | pool | store delay | live images | ok/runs | '
             'images/s | '
@@ -506,6 +518,20 @@ def markdown_tables(entries):
             )
         lines.append('')
     return lines
+
+
+def _code_line(entry):
+    machine = entry.get('machine', {})
+    commit = entry.get('args', {}).get('code_commit')
+    if commit:
+        code = f'scrub_listener/ at commit {commit}'
+    else:
+        code = f'working tree at {machine.get("git", "?")}'
+        if machine.get('scrub_listener_uncommitted_changes'):
+            code += ' with uncommitted changes to scrub_listener/'
+        elif 'scrub_listener_uncommitted_changes' not in machine:
+            code += ' (uncommitted changes not recorded)'
+    return f'Measured {machine.get("date", "?")}, {code}.'
 
 
 def _command_line(entry):
