@@ -136,6 +136,26 @@ def test_glance_db_unreachable(sqlite_env, url):
     assert os.path.exists(path[len('file://') :])
 
 
+def test_queue_db_unreachable(sqlite_env):
+    """The due-queue database is down: exit 3, the Glance rows and the
+    store untouched."""
+    env = sqlite_env
+    image_id = env.make_image()
+    before = env.snapshot(image_id)
+    conf = _with(
+        env,
+        'scrub_queue',
+        'connection',
+        'postgresql+psycopg2://postgres@127.0.0.1:1/queue',
+    )
+
+    for result in (env.sweep(config=conf), env.manage('list', config=conf)):
+        assert_error(result, 3, 'due-queue database', '127.0.0.1:1')
+
+    assert env.snapshot(image_id) == before
+    assert os.path.exists(env.data_path(image_id))
+
+
 def test_glance_db_does_not_exist(sqlite_env):
     """Reachable server, no such database."""
     env = sqlite_env

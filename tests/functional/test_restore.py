@@ -9,10 +9,15 @@ argument checks that never reach a database.
 import datetime
 import json
 import os
+import subprocess
+import time
 
 import pytest
 
 from tests.functional.conftest import KEY
+from tests.functional.conftest import MANAGE
+from tests.functional.conftest import RESTORE
+from tests.functional.conftest import SCRUB_LISTENER
 from tests.functional.conftest import ago
 from tests.functional.conftest import assert_error
 from tests.functional.conftest import assert_ok
@@ -327,3 +332,56 @@ def test_list_filters_and_formats(env):
     assert any(line.startswith(b) and ' db ' in line for line in lines)
     raw = assert_ok(env.manage('list', '--format', 'json')).stdout
     assert isinstance(json.loads(raw), list)
+
+
+def test_restore_racing_sweep_never_leaves_active_image_without_data(env):
+    """Restores in separate processes while a sweep-once scrubs the same
+    images.  Whatever the interleaving, each image ends either active with
+    all its data (restore exit 0) or deleted with its data gone (restore
+    refused: 5 already deleted, 7 scrub in progress); never in between."""
+    env.configure(extra={'scrub_queue': {'batch_size': 2}})
+    data = {env.make_image(data=os.urandom(700)): None for _ in range(24)}
+    for image_id in data:
+        data[image_id] = _read(env.data_path(image_id))
+    # why: the sweep takes them in deletion order, so restores aimed at
+    # the whole range and started over its run meet it early, mid-way and
+    # after it passed.
+    targets = list(data)[2::3]
+    sweep = subprocess.Popen(
+        [SCRUB_LISTENER, '--config-file', env.config_file, '--sweep-once'],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    restores = {}
+    for image_id in targets:
+        restores[image_id] = subprocess.Popen(
+            [MANAGE, '--config-file', env.config_file, *RESTORE, image_id],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(0.1)
+    out, err = sweep.communicate(timeout=120)
+    codes = {}
+    for image_id, proc in restores.items():
+        r_out, r_err = proc.communicate(timeout=120)
+        assert 'Traceback' not in r_err, r_err
+        codes[image_id] = proc.returncode
+    assert sweep.returncode == 0, out + err
+
+    for image_id, original in data.items():
+        image = env.image(image_id)
+        statuses = [
+            (r['status'], r['deleted']) for r in env.locations(image_id)
+        ]
+        path = env.data_path(image_id)
+        if image['status'] == 'active':
+            assert codes.get(image_id) == 0, (image_id, codes)
+            assert statuses == [('active', False)]
+            assert _read(path) == original
+        else:
+            assert image['status'] == 'deleted', image
+            assert codes.get(image_id, 5) in (5, 7), (image_id, codes)
+            assert statuses == [('deleted', True)]
+            assert not os.path.exists(path)

@@ -19,6 +19,7 @@ from tests.functional.conftest import SCRUB_LISTENER
 from tests.functional.conftest import ago
 from tests.functional.conftest import assert_ok
 from tests.functional.conftest import assert_summary
+from tests.functional.conftest import summary
 
 HOUR = 3600
 
@@ -439,3 +440,65 @@ def test_concurrent_sweeps_scrub_each_image_once(env):
     assert freed == count * 100
     for image_id in images:
         env.assert_scrubbed(image_id)
+
+
+def test_claim_left_by_crashed_worker_is_taken_over(env):
+    """A worker claimed the locations (``scrubbing``) and died; once its
+    claim is older than ``lease_time`` the next sweep finishes the job,
+    also from a fresh due-queue (another host, queue file lost)."""
+    env.configure(extra={'scrubber': {'lease_time': 10}})
+    image_id = env.make_image()
+    removed_from_live = env.make_image(
+        status='active',
+        locations=[
+            (env.write_file(os.path.join(env.store_dir, p), b'x'), {})
+            for p in ('keep', 'drop')
+        ],
+    )
+    keep_row, drop_row = env.locations(removed_from_live)
+    env.remove_location(drop_row['id'], ago(120))
+    for row in (*env.locations(image_id), drop_row):
+        env.update_location(row['id'], status='scrubbing', updated_at=ago(60))
+
+    result = assert_ok(env.sweep())
+
+    assert_summary(result, scrubbed=2, failed=0)
+    env.assert_scrubbed(image_id)
+    assert not os.path.exists(os.path.join(env.store_dir, 'drop'))
+    assert os.path.exists(os.path.join(env.store_dir, 'keep'))
+    assert [r['status'] for r in env.locations(removed_from_live)] == [
+        'active',
+        'deleted',
+    ]
+    assert env.image(removed_from_live)['status'] == 'active'
+
+
+def test_location_claimed_by_another_worker_is_left_alone(env):
+    """A live claim (``scrubbing``, fresh) belongs to another worker: this
+    sweep neither deletes nor marks anything of that image."""
+    image_id = env.make_image()
+    (row,) = env.locations(image_id)
+    env.update_location(row['id'], status='scrubbing', updated_at=ago(1))
+    before = env.snapshot(image_id)
+
+    result = assert_ok(env.sweep())
+
+    assert 'busy elsewhere 1' in summary(result)
+    assert_summary(result, scrubbed=0, failed=0)
+    assert env.snapshot(image_id) == before
+    assert os.path.exists(env.data_path(image_id))
+
+
+def test_image_left_half_done_by_glance_scrubber_is_closed(env):
+    """Migration: glance-scrubber deleted the data and marked the
+    location ``deleted``, then died before marking the image.  The image
+    is closed; nothing else happens."""
+    image_id = env.make_image()
+    os.unlink(env.data_path(image_id))
+    (row,) = env.locations(image_id)
+    env.update_location(row['id'], status='deleted')
+
+    result = assert_ok(env.sweep())
+
+    assert_summary(result, scrubbed=1, failed=0, bytes_freed=0)
+    env.assert_scrubbed(image_id)
