@@ -5,9 +5,9 @@ each live location row goes to ``status='pending_delete', deleted=1``
 (``deleted_at`` = its own now), the properties are soft-deleted (their own
 now, a few ms later), then the image row goes to ``status='pending_delete',
 deleted=1`` and its tags and members are soft-deleted with the image's
-``deleted_at`` (measured on glance-api 33.0.0; see ``_in_deletion``).  Glance never reads a location row that is deleted, and
-never touches a ``pending_delete`` image again, so the rows below are ours
-to move on.
+``deleted_at`` (measured on glance-api 33.0.0; see ``_in_deletion``).
+Glance never reads a location row that is deleted, and never touches a
+``pending_delete`` image again, so the rows below are ours to move on.
 
 Claim protocol (who may delete data, who may restore)
 ------------------------------------------------------
@@ -294,6 +294,7 @@ class GlanceDB:
             )
             .where(
                 IMAGES.c.status != PENDING_DELETE,
+                LOCATIONS.c.deleted == sa.true(),  # indexed
                 LOCATIONS.c.deleted_at <= deleted_before,
                 sa.or_(
                     LOCATIONS.c.status == PENDING_DELETE,

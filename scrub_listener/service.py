@@ -74,6 +74,7 @@ class Service:
         self._parts = parts
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._messaging_started = threading.Event()
         self._drain_thread = None
         self._endpoint = notification.ImageDeleteEndpoint(
             parts.glance_db, parts.queue, conf.scrub_time, self._wake.set
@@ -129,6 +130,14 @@ class Service:
     # -- running -------------------------------------------------------
 
     def start(self):
+        """Start everything; return at once, even if the broker is down.
+
+        The drain and the sweep need only the databases, so they start
+        first and work while oslo.messaging is still (re)connecting to
+        the broker in its own thread: a broker outage delays events, it
+        does not stop scrubbing.  It also keeps the main thread free to
+        act on SIGTERM while the broker cannot be reached.
+        """
         self._build_messaging()
         self._drain_thread = threading.Thread(
             target=self._drain_loop, name='drain', daemon=True
@@ -138,8 +147,16 @@ class Service:
             target=self._periodic.start, name='sweep', daemon=True
         )
         self._periodic_thread.start()
+        threading.Thread(
+            target=self._start_messaging, name='messaging-start', daemon=True
+        ).start()
+
+    def _start_messaging(self):
+        # Blocks (oslo.messaging retries) for as long as the broker is
+        # unreachable; the rabbit driver logs each attempt.
         self._rpc_server.start()
         self._listener.start()
+        self._messaging_started.set()
         LOG.info(
             'scrub-listener started on %s: events from exchange %r topics '
             '%s (pool %r), RPC topic %r, sweep every %d s, scrub_time %d s, '
@@ -157,12 +174,14 @@ class Service:
     def stop(self):
         LOG.info('Stopping: no new events, finishing in-flight scrubs')
         self._endpoint.stopping.set()
-        for server in (self._listener, self._rpc_server):
-            if server is not None:
+        if self._messaging_started.is_set():
+            for server in (self._listener, self._rpc_server):
                 server.stop()
-        for server in (self._listener, self._rpc_server):
-            if server is not None:
+            for server in (self._listener, self._rpc_server):
                 server.wait()
+        else:
+            # Still connecting: nothing consumed, nothing to hand back.
+            LOG.warning('Stopping before the broker was reached')
         self._periodic.stop()
         self._periodic.wait()
         self._stopping.set()
@@ -177,8 +196,9 @@ class Service:
                     'their leases will be taken over',
                     self._conf.service.graceful_shutdown_timeout,
                 )
-        for transport in self._transports:
-            transport.cleanup()
+        if self._messaging_started.is_set():
+            for transport in self._transports:
+                transport.cleanup()
         LOG.info('Stopped')
 
     def reload(self):
