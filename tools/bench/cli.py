@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,22 @@ def _add_workload_args(parser, n_default, pool_default):
         default=DEFAULT_TIMEOUT,
         help='seconds after which one run is killed and counted as failed '
         '(default: %(default)s)',
+    )
+    parser.add_argument(
+        '--quiet-below',
+        type=float,
+        default=0.3,
+        metavar='CPUS',
+        help='before each run, wait until the machine keeps fewer than '
+        'this many CPUs busy (it may be shared; default: %(default)s)',
+    )
+    parser.add_argument(
+        '--quiet-wait',
+        type=float,
+        default=300,
+        metavar='SECONDS',
+        help='wait at most this long for that, then run anyway; 0: do not '
+        'wait (default: %(default)s)',
     )
     parser.add_argument(
         '--json', help='append every run and the summary to this JSON file'
@@ -304,6 +321,8 @@ def _common(args):
         'keep_logs': args.keep_logs,
         'live': args.live,
         'code_dir': args.code_dir,
+        'quiet_below': args.quiet_below,
+        'quiet_wait': args.quiet_wait,
     }
 
 
@@ -477,10 +496,10 @@ def markdown_tables(entries):
         lines.append('')
         lines.append(
             '| tool | N | pool | store delay | live images | ok/runs | '
-            'images/s | '
-            'net images/s | wall s | CPU s | peak RSS MiB | SL vs GS |'
+            'images/s | net images/s | wall s | CPU s | DB server CPU s | '
+            'peak RSS MiB | SL vs GS |'
         )
-        lines.append('|' + '---|' * 12)
+        lines.append('|' + '---|' * 13)
         for row in entry['summary']:
             cells = [
                 row['tool'],
@@ -496,10 +515,15 @@ def markdown_tables(entries):
                     f'{row["net_rate"]:.0f}' if 'net_rate' in row else '-',
                     _md_spread(row['wall'], '.2f'),
                     _md_spread(row['cpu'], '.2f'),
+                    _md_spread(row['db_cpu'], '.2f')
+                    if 'db_cpu' in row
+                    else '-',
                     _md_spread(row['rss_mib'], '.0f'),
                 ]
+                if row.get('noisy'):
+                    cells[5] += f' ({row["noisy"]} noisy)'
             else:
-                cells += ['no verified run', '', '', '', '']
+                cells += ['no verified run', '', '', '', '', '']
             ratio = ''
             if 'ratio' in row:
                 ratio = f'{row["ratio"]:.1f}× images/s'
@@ -514,7 +538,7 @@ def markdown_tables(entries):
         for tool, n, pool in entry.get('skipped', []):
             lines.append(
                 f'| {tool} | {n:,} | {pool} | | | skipped (N > '
-                f'--scrubber-max-n) | | | | | | |'
+                f'--scrubber-max-n) | | | | | | | |'
             )
         lines.append('')
     return lines
@@ -560,8 +584,15 @@ def cmd_profile(args):
     return 0
 
 
+def _sigterm(signum, frame):
+    # Unwind like Ctrl-C, so the running child is killed and every
+    # database of the run is dropped.
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
     if getattr(args, 'code', None):
         with tempfile.TemporaryDirectory(prefix='sl_bench_code_') as tmp:
             args.code_commit = runs_mod.export_code(args.code, tmp)

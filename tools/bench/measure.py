@@ -15,6 +15,65 @@ import subprocess
 import threading
 import time
 
+_TICK = os.sysconf('SC_CLK_TCK')
+
+
+def machine_busy_seconds():
+    """CPU seconds all CPUs spent busy since boot (not idle, not iowait)."""
+    with open('/proc/stat') as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    total = sum(fields[:8])  # user..steal; guest is inside user
+    idle = fields[3] + fields[4]
+    return (total - idle) / _TICK
+
+
+def process_cpu_seconds(pid):
+    """utime + stime of a running process, or None."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def find_pids(names):
+    """Pids of running processes whose comm is in ``names``."""
+    pids = []
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/comm') as f:
+                if f.read().strip() in names:
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def busy_cores(window=1.0):
+    """Average number of busy CPUs over the next ``window`` seconds."""
+    before = machine_busy_seconds()
+    time.sleep(window)
+    return (machine_busy_seconds() - before) / window
+
+
+def wait_until_quiet(max_busy=0.3, max_wait=300.0, window=1.0):
+    """Wait until the machine is nearly idle; return (waited s, busy).
+
+    The machine is shared (other sessions run tests on the same CPUs and
+    database servers), so a run started in someone else's burst would
+    measure their load.  Gives up after ``max_wait`` seconds and returns
+    the last reading so the run can be flagged.
+    """
+    started = time.monotonic()
+    while True:
+        busy = busy_cores(window)
+        waited = time.monotonic() - started
+        if busy <= max_busy or waited >= max_wait:
+            return waited, busy
+
 
 @dataclasses.dataclass
 class ChildResult:
@@ -27,6 +86,8 @@ class ChildResult:
     timed_out: bool
     stdout_path: str
     stderr_path: str
+    machine_busy: float = 0.0  # CPU seconds the whole machine was busy
+    db_cpu: float | None = None  # CPU seconds of the database server
 
     @property
     def cpu(self):
@@ -46,14 +107,25 @@ class ChildResult:
 
 
 def run_child(
-    argv, stdout_path, stderr_path, env=None, timeout=None, cwd=None
+    argv,
+    stdout_path,
+    stderr_path,
+    env=None,
+    timeout=None,
+    cwd=None,
+    db_pids=(),
 ):
     """Run ``argv`` to completion; return a :class:`ChildResult`.
 
     stdout/stderr go to files, never pipes: a chatty child must not block
     on a full pipe while we wait for it.  After ``timeout`` seconds the
     child's whole process group is killed and ``timed_out`` is set.
+    ``db_pids``: database server processes whose CPU time during the run
+    is recorded too (``db_cpu``; on a shared server it includes other
+    clients' queries).
     """
+    db_before = [process_cpu_seconds(p) for p in db_pids]
+    busy_before = machine_busy_seconds()
     with open(stdout_path, 'wb') as out, open(stderr_path, 'wb') as err:
         started = time.perf_counter()
         proc = subprocess.Popen(
@@ -83,10 +155,23 @@ def run_child(
             # why wait4 and not RUSAGE_CHILDREN deltas: it is this child's
             # own rusage, whatever else the benchmark process reaped.
             _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): do not leave the child
+            # running against databases we are about to drop.
+            kill()
+            os.waitpid(proc.pid, 0)
+            proc.returncode = -9
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
         wall = time.perf_counter() - started
+    busy = machine_busy_seconds() - busy_before
+    db_cpu = None
+    if db_pids:
+        db_after = [process_cpu_seconds(p) for p in db_pids]
+        if None not in db_before and None not in db_after:
+            db_cpu = sum(db_after) - sum(db_before)
     # Tell Popen the child is reaped, so it never waits for it again.
     proc.returncode = os.waitstatus_to_exitcode(status)
     return ChildResult(
@@ -99,4 +184,6 @@ def run_child(
         timed_out=killed.is_set(),
         stdout_path=stdout_path,
         stderr_path=stderr_path,
+        machine_busy=busy,
+        db_cpu=db_cpu,
     )

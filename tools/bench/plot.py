@@ -23,6 +23,21 @@ from matplotlib import ticker  # noqa: E402
 # of a curve.
 FIXED_N = 1
 _PLAIN = ticker.FuncFormatter(lambda v, _: f'{v:,.0f}')
+
+
+def _minor_label(value, _):
+    # On log axes, label 2x and 5x of each decade, plainly.
+    if value <= 0:
+        return ''
+    lead = f'{value:e}'[0]
+    return f'{value:,.0f}' if lead in '25' else ''
+
+
+def _plain_log_y(ax):
+    ax.yaxis.set_major_formatter(_PLAIN)
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_label))
+
+
 COLORS = {'scrub-listener': 'tab:blue', 'glance-scrubber': 'tab:red'}
 LINES = ('-', '--', ':', '-.')
 
@@ -42,12 +57,17 @@ def _subtitle(machine, rows):
     size = ', '.join(
         f'{s // 1024} KiB' if s % 1024 == 0 else f'{s} B' for s in sizes
     )
-    db = machine.get('mysql_version') or machine.get(
-        'postgresql_version', 'sqlite'
+    backend = rows[0]['backend']
+    version = machine.get(f'{backend}_version', '')
+    db = {'mysql': 'MariaDB/MySQL', 'postgresql': 'PostgreSQL'}.get(
+        backend, 'SQLite'
     )
+    if 'MariaDB' in version:
+        db = 'MariaDB'
+    db += ' ' + version.split('-')[0].split(' ')[0]
     return (
-        f'{machine.get("nproc", "?")} CPUs, Glance DB {db.split("-")[0]} '
-        f'({rows[0]["backend"]}), {size} images, glance 33.0.0'
+        f'{machine.get("nproc", "?")} CPUs, Glance DB on {db}, {size} '
+        'images, glance-scrubber from glance 33.0.0'
     )
 
 
@@ -111,6 +131,8 @@ def plot_scale(rows, path, machine):
     ax_rss.set_ylim(bottom=0)
     for ax in (ax_rate, ax_rss):
         ax.set_xticks(sorted({r['n'] for r in rows}))
+        if ax is ax_rate:
+            _plain_log_y(ax)
         ax.xaxis.set_major_formatter(_PLAIN)
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(True, which='both', alpha=0.3)
@@ -158,7 +180,7 @@ def plot_pools(rows, path, machine):
     ax.set_xticks(sorted({r['pool'] for r in rows}))
     ax.xaxis.set_major_formatter(_PLAIN)
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.yaxis.set_major_formatter(_PLAIN)
+    _plain_log_y(ax)
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(_subtitle(machine, rows), fontsize=9)

@@ -29,6 +29,12 @@ from tools.bench import workload as workload_mod
 
 TOOLS = ('scrub-listener', 'glance-scrubber')
 SHORT = {'scrub-listener': 'SL', 'glance-scrubber': 'GS'}
+#: A run during which the rest of the machine kept more than this many
+#: CPUs busy (database server excluded) is flagged NOISY.
+NOISY = 0.5
+#: Names of database server processes whose CPU time is recorded.
+DB_SERVERS = {'mariadbd', 'mysqld'}
+
 #: N of the runs that measure a tool's fixed cost per process.
 FIXED_N = 1
 SLOWSTORE_DIR = os.path.join(os.path.dirname(__file__), 'slowstore')
@@ -122,6 +128,11 @@ class Run:
     profiled: bool = False
     stderr_tail: str = ''
     live: int = 0
+    # Shared machine: how long we waited for it to calm down, and how
+    # busy the rest of it was during the run (CPUs, database excluded).
+    quiet_wait: float = 0.0
+    others: float = 0.0
+    db_cpu: float | None = None
 
     @property
     def cpu(self):
@@ -156,6 +167,8 @@ class Run:
             f'(user {self.user:.2f} + sys {self.sys:.2f})  '
             f'rss {self.rss_mib:6.1f} MiB'
         )
+        if self.db_cpu is not None:
+            numbers += f'  db cpu {self.db_cpu:6.2f} s'
         if self.n:
             numbers += f'  {self.rate:7.1f} images/s'
         if self.timed_out:
@@ -168,6 +181,8 @@ class Run:
             verdict = 'verified'
         if self.profiled:
             verdict += ' (under py-spy: timings not comparable)'
+        if self.others > NOISY:
+            verdict += f' NOISY (rest of machine {self.others:.1f} CPUs)'
         return f'{what}  {numbers}  {verdict}'
 
 
@@ -188,6 +203,8 @@ def run_once(
     keep_logs=None,
     live=0,
     code_dir=None,
+    quiet_below=0.3,
+    quiet_wait=300.0,
 ):
     """Build a fresh workload, run ``tool`` on it, verify, clean up."""
     run = Run(
@@ -229,10 +246,18 @@ def run_once(
                 *argv,
             ]
             run.profiled = True
+        if quiet_wait > 0:
+            run.quiet_wait, _ = measure.wait_until_quiet(
+                quiet_below, quiet_wait
+            )
+        db_pids = ()
+        if 'mysql' in (backend, load.queue_backend):
+            db_pids = measure.find_pids(DB_SERVERS)
         result = measure.run_child(
             argv,
             load.path('logs', 'stdout'),
             load.path('logs', 'stderr'),
+            db_pids=db_pids,
             env=child_env(delay, delay_per_mib, code_dir),
             # not the repo: a python child would import scrub_listener
             # from its cwd before PYTHONPATH (``--code``)
@@ -241,6 +266,13 @@ def run_once(
         )
         run.wall, run.user, run.sys = result.wall, result.user, result.sys
         run.rss_mib = result.rss_mib
+        run.db_cpu = result.db_cpu
+        if result.wall > 0:
+            run.others = max(
+                0.0,
+                (result.machine_busy - result.cpu - (result.db_cpu or 0))
+                / result.wall,
+            )
         run.returncode = result.returncode
         run.timed_out = result.timed_out
         done = _DONE.search(result.stdout())
@@ -304,6 +336,10 @@ def summarize(runs):
         if good:
             for name in ('rate', 'wall', 'cpu', 'rss_mib'):
                 row[name] = spread([getattr(r, name) for r in good])
+            db = [r.db_cpu for r in good if r.db_cpu is not None]
+            if db:
+                row['db_cpu'] = spread(db)
+            row['noisy'] = sum(r.others > NOISY for r in good)
             base = startup.get((tool, pool, delay, backend, live))
             if n > FIXED_N and base is not None and row['wall'][0] > base:
                 # Per-image throughput without the fixed cost (start-up,
@@ -378,6 +414,10 @@ def summary_lines(rows):
             f'cpu {_fmt(row["cpu"], ".2f")} s',
             f'rss {_fmt(row["rss_mib"], ".1f")} MiB',
         ]
+        if 'db_cpu' in row:
+            parts.append(f'db cpu {_fmt(row["db_cpu"], ".2f")} s')
+        if row.get('noisy'):
+            parts.append(f'{row["noisy"]} noisy')
         lines.append(f'{head}  ' + '  '.join(parts))
         if 'ratio' in row:
             ratio = f'  => scrub-listener/glance-scrubber: {row["ratio"]:.1f}x'
