@@ -34,9 +34,11 @@ class Components:
     sweeper: sweep.Sweeper | None = None
     restorer: restore.Restorer | None = None
 
-    def close(self):
+    def close(self, wait=True):
+        """Release pools and connections; idempotent."""
         if self.executor is not None:
-            self.executor.shutdown(wait=True)
+            self.executor.shutdown(wait=wait)
+            self.executor = None
         self.glance_db.engine.dispose()
         self.queue.engine.dispose()
 

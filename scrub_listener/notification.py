@@ -10,10 +10,14 @@ identifies the deletion, is read from the Glance database.
 Delivery is at-least-once: the batch is acknowledged after this endpoint
 returns, i.e. after the rows are committed.  Enqueue is idempotent, so a
 redelivered or duplicated event adds nothing.  When a database is down,
-the batch is requeued after a backoff sleep in the listener thread (so a
-failing batch does not loop hot and the broker keeps the messages).
+the endpoint retries the same batch in place with an exponential backoff
+(1 s to 60 s), holding it unacknowledged: nothing is lost and nothing
+loops hot.  (oslo.messaging's own requeue is not used: it would also
+requeue, forever and at once, a batch it cannot dispatch at all.)
 A malformed event is logged with its reason and dropped: it can never
-succeed, requeueing it would only block the others.
+succeed.  Even an event lost for good (service down when the broker
+dropped a transient queue) is not a lost deletion: the image stays
+pending_delete in Glance and the periodic sweep finds it.
 """
 
 import datetime
@@ -48,7 +52,6 @@ class ImageDeleteEndpoint:
         self._queue = queue
         self.scrub_time = scrub_time
         self._on_enqueued = on_enqueued or (lambda: None)
-        self._retry_delay = RETRY_MIN
         # Set by stop(): cut a backoff sleep short on shutdown.
         self.stopping = threading.Event()
 
@@ -61,20 +64,34 @@ class ImageDeleteEndpoint:
                 image_ids.add(image_id)
         if not image_ids:
             return None
-        try:
-            queued = self._enqueue(image_ids)
-        except (sa_exc.SQLAlchemyError, exceptions.DatabaseUnavailable) as exc:
-            LOG.warning(
-                'Cannot record %d image.delete event(s), requeueing them in '
-                '%.0f s: %s',
-                len(image_ids),
-                self._retry_delay,
-                exc,
-            )
-            self.stopping.wait(self._retry_delay)
-            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
-            return oslo_messaging.NotificationResult.REQUEUE
-        self._retry_delay = RETRY_MIN
+        delay = RETRY_MIN
+        while True:
+            try:
+                queued = self._enqueue(image_ids)
+                break
+            except (
+                sa_exc.SQLAlchemyError,
+                exceptions.DatabaseUnavailable,
+            ) as exc:
+                if self.stopping.is_set():
+                    # Shutting down during an outage: this batch is acked
+                    # unrecorded; the deletions stay pending_delete in
+                    # Glance and the first sweep of the next start finds
+                    # them.
+                    LOG.warning(
+                        'Stopping; %d event(s) left to the sweep',
+                        len(image_ids),
+                    )
+                    return None
+                LOG.warning(
+                    'Cannot record %d image.delete event(s), retrying in '
+                    '%.0f s: %s',
+                    len(image_ids),
+                    delay,
+                    exc,
+                )
+                self.stopping.wait(delay)
+                delay = min(delay * 2, RETRY_MAX)
         if queued:
             self._on_enqueued()
         return None

@@ -34,7 +34,7 @@ scrubber_compat_opts = [
     cfg.IntOpt(
         'wakeup_time',
         default=300,
-        min=1,
+        min=0,
         help='Seconds between two sweeps of the Glance database for '
         'deletions the notifications missed.',
     ),

@@ -31,6 +31,7 @@ from oslo_messaging import opts as messaging_opts
 
 from scrub_listener import exceptions
 from scrub_listener import glance_db
+from scrub_listener import messaging_compat
 from scrub_listener import notification
 from scrub_listener import rpc
 
@@ -61,6 +62,7 @@ def set_messaging_defaults(conf):
     for group, opts in messaging_opts.list_opts():
         if group == 'oslo_messaging_rabbit':
             conf.register_opts(opts, group=group)
+    messaging_compat.ack_duplicate_messages()
     conf.set_default(
         'rabbit_qos_prefetch_count',
         conf.listener.prefetch,
@@ -90,7 +92,11 @@ class Service:
     # -- building ------------------------------------------------------
 
     def _make_sweep(self):
-        @periodics.periodic(self._conf.wakeup_time, run_immediately=True)
+        # glance-scrubber accepts wakeup_time = 0; a sweep per second is
+        # the closest sane reading of it.
+        spacing = max(self._conf.wakeup_time, 1)
+
+        @periodics.periodic(spacing, run_immediately=True)
         def sweep():
             try:
                 found, queued = self._parts.sweeper.sweep()
@@ -119,7 +125,11 @@ class Service:
             notify_transport,
             targets,
             [self._endpoint],
-            allow_requeue=True,  # else a failed batch is acked and lost
+            # No requeue: the endpoint retries a transient failure itself
+            # (the batch stays unacked meanwhile) and a batch oslo.messaging
+            # cannot even dispatch (malformed envelope) would otherwise be
+            # redelivered in a hot loop.  See notification.py.
+            allow_requeue=False,
             pool=conf.listener.pool,
             batch_size=conf.listener.batch_size,
             batch_timeout=conf.listener.batch_timeout,
@@ -172,6 +182,7 @@ class Service:
         )
 
     def stop(self):
+        """Stop; return False if in-flight scrubs were left unfinished."""
         LOG.info('Stopping: no new events, finishing in-flight scrubs')
         self._endpoint.stopping.set()
         if self._messaging_started.is_set():
@@ -186,11 +197,13 @@ class Service:
         self._periodic.wait()
         self._stopping.set()
         self._wake.set()
+        finished = True
         if self._drain_thread is not None:
             self._drain_thread.join(
                 self._conf.service.graceful_shutdown_timeout
             )
-            if self._drain_thread.is_alive():
+            finished = not self._drain_thread.is_alive()
+            if not finished:
                 LOG.warning(
                     'In-flight scrubs did not finish within %d s; '
                     'their leases will be taken over',
@@ -200,6 +213,7 @@ class Service:
             for transport in self._transports:
                 transport.cleanup()
         LOG.info('Stopped')
+        return finished
 
     def reload(self):
         """SIGHUP: re-read the mutable options."""

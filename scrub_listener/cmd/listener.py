@@ -60,7 +60,10 @@ def _serve(conf, parts):
     server.start()
     while signals.get() == signal.SIGHUP:
         server.reload()
-    server.stop()
+    if not server.stop():
+        # graceful_shutdown_timeout is a bound: do not wait for the store
+        # deletes still running; their leases are taken over later.
+        parts.close(wait=False)
     return 0
 
 
