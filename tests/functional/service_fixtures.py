@@ -924,12 +924,24 @@ class World:
     def scrubbed(self, image_id):
         return scrubbed(self.glance_url, self.store_dir, image_id)
 
+    def not_scrubbed(self, image_ids):
+        """Those of ``image_ids`` not scrubbed yet (two queries in all)."""
+        statuses = image_statuses(self.glance_url)
+        locations = location_statuses(self.glance_url)
+        return [
+            i
+            for i in image_ids
+            if statuses.get(i) != 'deleted'
+            or any(s != 'deleted' for s in locations.get(i, []))
+            or os.path.exists(self.path(i))
+        ]
+
     def wait_scrubbed(self, image_ids, timeout=30, service=None):
         """Wait until every image is scrubbed; return the seconds taken."""
         image_ids = list(image_ids)
 
         def left():
-            return [i for i in image_ids if not self.scrubbed(i)]
+            return self.not_scrubbed(image_ids)
 
         def why():
             text = f'{len(left())} of {len(image_ids)} not scrubbed'
@@ -984,3 +996,47 @@ def world(tmp_path, module_vhost, module_glance_mysql):
     """
     harness.truncate_glance_tables(module_glance_mysql)
     return make_world(tmp_path, module_vhost, module_glance_mysql)
+
+
+# ------------------------------------------------------ RPC, in this process
+
+
+class RpcCaller:
+    """oslo.messaging RPC client in the test process (global cfg.CONF).
+
+    ``call(method, **kwargs)`` with an admin context by default.  Close
+    it (or use ``with``) to drop its broker connections.
+    """
+
+    def __init__(
+        self,
+        transport_url,
+        topic,
+        allowed=('scrub_listener.exceptions',),
+        roles=('admin',),
+        timeout=15,
+    ):
+        import oslo_messaging
+        from oslo_config import cfg
+
+        self._transport = oslo_messaging.get_rpc_transport(
+            cfg.CONF, url=transport_url, allowed_remote_exmods=list(allowed)
+        )
+        self._client = oslo_messaging.get_rpc_client(
+            self._transport,
+            oslo_messaging.Target(topic=topic, version='1.0'),
+            timeout=timeout,
+        )
+        self._context = {'user_identity': 'pytest', 'roles': list(roles)}
+
+    def call(self, method, **kwargs):
+        return self._client.call(self._context, method, **kwargs)
+
+    def close(self):
+        self._transport.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

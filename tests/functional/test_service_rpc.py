@@ -18,7 +18,6 @@ import uuid
 
 import oslo_messaging
 import pytest
-from oslo_config import cfg
 
 from scrub_listener import exceptions
 from tests.functional import service_fixtures as sf
@@ -355,27 +354,22 @@ def test_direct_restore_needs_no_service_nor_broker(rpc):
 
 @pytest.fixture
 def rpc_client(rpc):
-    """An oslo.messaging RPC client in this process (global cfg.CONF)."""
-    transports = []
+    """Factory of in-process RPC callers to the module's service."""
+    callers = []
 
     def make(allowed=('scrub_listener.exceptions',), roles=('admin',)):
-        transport = oslo_messaging.get_rpc_transport(
-            cfg.CONF,
-            url=rpc.world.vhost.transport_url,
-            allowed_remote_exmods=list(allowed),
+        caller = sf.RpcCaller(
+            rpc.world.vhost.transport_url,
+            rpc.world.rpc_topic,
+            allowed=allowed,
+            roles=roles,
         )
-        transports.append(transport)
-        client = oslo_messaging.get_rpc_client(
-            transport,
-            oslo_messaging.Target(topic=rpc.world.rpc_topic, version='1.0'),
-            timeout=15,
-        )
-        context = {'user_identity': 'pytest', 'roles': list(roles)}
-        return lambda method, **kw: client.call(context, method, **kw)
+        callers.append(caller)
+        return caller.call
 
     yield make
-    for transport in transports:
-        transport.cleanup()
+    for caller in callers:
+        caller.close()
 
 
 def test_errors_cross_the_wire_as_remote_subclasses(rpc, rpc_client):
