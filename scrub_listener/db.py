@@ -41,8 +41,16 @@ def create_engine(url, name):
         )
         _begin_immediate(engine)
         return engine
+    options = {}
+    if parsed.get_backend_name() == 'mysql':
+        # Correctness rests on row locks (FOR UPDATE), never on snapshots;
+        # REPEATABLE READ only adds gap locks, i.e. deadlocks between
+        # instances claiming from one queue.
+        options['isolation_level'] = 'READ COMMITTED'
     try:
-        return sa.create_engine(parsed, pool_pre_ping=True, pool_size=10)
+        return sa.create_engine(
+            parsed, pool_pre_ping=True, pool_size=10, **options
+        )
     except (ImportError, sa_exc.NoSuchModuleError) as exc:
         raise exceptions.ConfigError(
             f'{name} connection URL names a missing driver: {exc}'

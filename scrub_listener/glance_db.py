@@ -45,10 +45,14 @@ Glance only ever reads non-deleted locations, so it never sees it.
 """
 
 import base64
+import collections
 import dataclasses
 import datetime
 import json
 import logging
+import re
+import threading
+import time
 import uuid
 
 import sqlalchemy as sa
@@ -65,6 +69,8 @@ PENDING_DELETE = 'pending_delete'
 SCRUBBING = 'scrubbing'
 DELETED = 'deleted'
 ACTIVE = 'active'
+
+_URL_START = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
 _META = sa.MetaData()
 # Only the columns we use.  Never create or alter these tables: they belong
@@ -210,7 +216,12 @@ def decrypt_location(key, ciphertext):
         end = padded.rfind(b'\0')
         if end < 0:
             raise ValueError('no NUL delimiter (wrong key?)')
-        return padded[:end].decode('utf-8')
+        text = padded[:end].decode('utf-8')
+        # A wrong key still "decrypts" to junk now and then; a location
+        # is a URL, junk almost never looks like one.
+        if '\0' in text or not _URL_START.match(text):
+            raise ValueError('the result is not a URL (wrong key?)')
+        return text
     except (ValueError, UnicodeError) as exc:
         raise exceptions.CorruptLocation(
             f'cannot decrypt location URL with metadata_encryption_key: {exc}'
@@ -485,6 +496,11 @@ class GlanceDB:
             if not rows:
                 claim.skip_reason = 'the location is no longer pending_delete'
                 return claim
+            if rows[0].deleted_at != deletion.deleted_at:
+                # Revived by a restore and removed again: that removal has
+                # its own due time; the sweep queues it.
+                claim.skip_reason = 'the location was removed again since'
+                return claim
         if any(
             r.status == SCRUBBING and r.updated_at >= stale_before
             for r in rows
@@ -600,7 +616,14 @@ class GlanceDB:
                 raise exceptions.NotPendingDelete(
                     image_id=image_id, status=image.status
                 )
-            rows = self._deletion_locations(conn, image, deletion_window)
+            rows = [
+                r
+                for r in self._deletion_locations(conn, image, deletion_window)
+                if r.status == PENDING_DELETE
+                or r.updated_at >= image.deleted_at
+            ]
+            # (rows scrubbed or claimed before the image was deleted were
+            # removed from the live image, they are not this deletion's)
             if any(r.status == SCRUBBING for r in rows):
                 raise exceptions.ScrubInProgress(image_id=image_id)
             gone = [r for r in rows if r.status == DELETED]
@@ -621,10 +644,47 @@ class GlanceDB:
                     image_id=image_id,
                     reason=f'location {errors[0][0]}: {errors[0][1]}',
                 )
+            self._check_not_claimed_elsewhere(conn, image_id, locations)
             verify(locations)
             return self._revive(
                 conn, image, [r.id for r in revive], deletion_window, now
             )
+
+    def _check_not_claimed_elsewhere(self, conn, image_id, locations):
+        """Refuse if another image's scrub holds the same data.
+
+        Two images can point at one URL.  If a scrub of the other image
+        claimed its row, the data is being deleted: reviving ours would
+        leave an active image without data.  The rows are read FOR UPDATE:
+        a claim of them that is in flight finishes first (then we see
+        ``scrubbing``), and a claim that comes after waits for us (then it
+        sees our live row and keeps the data, see _mark_shared).
+        """
+        uris = {loc.uri for loc in locations}
+        others = sa.select(
+            LOCATIONS.c.id, LOCATIONS.c.value, LOCATIONS.c.status
+        ).where(LOCATIONS.c.image_id != image_id)
+        if self._key is None:
+            # Lock every row with the same URL, whatever its status, so a
+            # claim of one of them in flight is waited for.
+            others = others.where(LOCATIONS.c.value.in_(sorted(uris)))
+        else:
+            # The same URL never encrypts the same way: read every claimed
+            # row (few: only claims in flight) and compare plaintexts.  A
+            # claim racing us on a row still pending_delete is not locked
+            # out here (a known, narrow gap; see the README).
+            others = others.where(LOCATIONS.c.status == SCRUBBING)
+        for row in conn.execute(
+            others.order_by(LOCATIONS.c.id).with_for_update()
+        ):
+            if row.status != SCRUBBING:
+                continue
+            try:
+                shared = self.location_uri(row.value) in uris
+            except exceptions.CorruptLocation:
+                continue
+            if shared:
+                raise exceptions.ScrubInProgress(image_id=image_id)
 
     @staticmethod
     def _in_deletion(table, image, deletion_window):
@@ -690,24 +750,35 @@ class _LiveUrlIndex:
     With ``metadata_encryption_key`` the same URL encrypts differently each
     time (random IV), so "does a live location point at this data?" cannot
     be asked in SQL.  We keep an index of decrypted live URLs, refreshed
-    incrementally (new ids, and rows updated since the last look, by the
-    database's own ``updated_at``), and confirm every hit against the
-    current row before trusting it.
+    incrementally, and confirm every hit against the current row before
+    trusting it.
+
+    Incremental by a watermark (highest id, newest ``updated_at``), but
+    rows commit out of order: a row whose id is below one already seen may
+    commit later.  So each refresh re-reads everything newer than the
+    watermark we had REREAD_MARGIN seconds ago (longer than any glance-api
+    transaction), not the latest one; until the process is that old, a
+    refresh re-reads the whole table.
     """
+
+    REREAD_MARGIN = 120.0
 
     def __init__(self, glance_db):
         self._db = glance_db
+        self._lock = threading.Lock()
         self._url_by_id = {}
+        self._ids_by_url = collections.defaultdict(set)
         self._max_id = 0
-        self._since = None
+        self._newest = None
+        # (monotonic time, max id, newest updated_at) after each refresh
+        self._watermarks = collections.deque()
 
     def shared(self, conn, uris):
-        self._refresh(conn)
-        hits = {
-            loc_id: url
-            for loc_id, url in self._url_by_id.items()
-            if url in uris
-        }
+        with self._lock:
+            self._refresh(conn)
+            hits = set()
+            for uri in uris:
+                hits |= self._ids_by_url.get(uri, set())
         if not hits:
             return set()
         rows = conn.execute(
@@ -718,28 +789,52 @@ class _LiveUrlIndex:
         ).all()
         return {self._decrypt(row.value) for row in rows} & uris
 
+    def _watermark(self):
+        """The newest watermark at least REREAD_MARGIN old, or None."""
+        horizon = time.monotonic() - self.REREAD_MARGIN
+        while len(self._watermarks) > 1 and self._watermarks[1][0] <= horizon:
+            self._watermarks.popleft()
+        if self._watermarks and self._watermarks[0][0] <= horizon:
+            return self._watermarks[0]
+        return None
+
     def _refresh(self, conn):
-        changed = LOCATIONS.c.id > self._max_id
-        if self._since is not None:
-            changed = sa.or_(changed, LOCATIONS.c.updated_at >= self._since)
-        rows = conn.execute(
-            sa.select(
-                LOCATIONS.c.id,
-                LOCATIONS.c.value,
-                LOCATIONS.c.deleted,
-                LOCATIONS.c.updated_at,
-            ).where(changed)
-        ).all()
-        for row in rows:
+        query = sa.select(
+            LOCATIONS.c.id,
+            LOCATIONS.c.value,
+            LOCATIONS.c.deleted,
+            LOCATIONS.c.updated_at,
+        )
+        mark = self._watermark()
+        if mark is not None:
+            _, max_id, newest = mark
+            changed = LOCATIONS.c.id > max_id
+            if newest is not None:
+                skew = datetime.timedelta(seconds=self.REREAD_MARGIN)
+                changed = sa.or_(
+                    changed, LOCATIONS.c.updated_at >= newest - skew
+                )
+            query = query.where(changed)
+        for row in conn.execute(query):
             self._max_id = max(self._max_id, row.id)
             if row.updated_at and (
-                self._since is None or row.updated_at > self._since
+                self._newest is None or row.updated_at > self._newest
             ):
-                self._since = row.updated_at
-            if row.deleted:
-                self._url_by_id.pop(row.id, None)
-            else:
-                self._url_by_id[row.id] = self._decrypt(row.value)
+                self._newest = row.updated_at
+            self._forget(row.id)
+            if not row.deleted:
+                url = self._decrypt(row.value)
+                self._url_by_id[row.id] = url
+                self._ids_by_url[url].add(row.id)
+        self._watermarks.append((time.monotonic(), self._max_id, self._newest))
+
+    def _forget(self, location_id):
+        url = self._url_by_id.pop(location_id, None)
+        if url is not None:
+            ids = self._ids_by_url[url]
+            ids.discard(location_id)
+            if not ids:
+                del self._ids_by_url[url]
 
     def _decrypt(self, value):
         try:

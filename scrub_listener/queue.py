@@ -121,17 +121,38 @@ class DueQueue:
         ]
         if not values:
             return 0
-        with self.engine.begin() as conn:
-            return conn.execute(
-                self._insert_ignoring_duplicates(), values
-            ).rowcount
+        # Sorted: two enqueues of overlapping rows (a sweep page and a
+        # notification batch) then lock them in the same order.
+        values.sort(
+            key=lambda v: (v['image_id'], v['location_id'], v['deleted_at'])
+        )
+
+        stmt = self._insert_ignoring_duplicates()
+        return self._write(lambda conn: conn.execute(stmt, values).rowcount)
+
+    def _write(self, work):
+        """Run ``work(conn)`` in a transaction; again after a deadlock.
+
+        Instances sharing a MariaDB/PostgreSQL queue write overlapping rows
+        (sweeps enqueue, drains settle); rows are touched in id/key order
+        to make deadlocks rare, and the database's victim is rerun.
+        """
+
+        def attempt():
+            with self.engine.begin() as conn:
+                return work(conn)
+
+        return db.with_deadlock_retry(attempt)
 
     def _insert_ignoring_duplicates(self):
         dialect = self.engine.dialect.name
         if dialect == 'mysql':
-            stmt = mysql.insert(ENTRIES)
-            # no-op update: "ignore" this duplicate key and only this error
-            return stmt.on_duplicate_key_update(id=ENTRIES.c.id)
+            # INSERT IGNORE, not ON DUPLICATE KEY UPDATE: with the
+            # FOUND_ROWS flag SQLAlchemy sets, the latter counts duplicates
+            # as rows, and the count tells the listener whether to wake
+            # the drain.  Our values are well-formed, so IGNORE only ever
+            # skips the duplicates.
+            return mysql.insert(ENTRIES).prefix_with('IGNORE')
         if dialect == 'postgresql':
             return postgresql.insert(ENTRIES).on_conflict_do_nothing()
         if dialect == 'sqlite':
@@ -189,12 +210,14 @@ class DueQueue:
         ids = [e.id for e in entries]
         if not ids:
             return
-        with self.engine.begin() as conn:
-            conn.execute(
+        self._write(
+            lambda conn: conn.execute(
                 ENTRIES.delete().where(
-                    ENTRIES.c.id.in_(ids), ENTRIES.c.lease_owner == owner
+                    ENTRIES.c.id.in_(sorted(ids)),
+                    ENTRIES.c.lease_owner == owner,
                 )
             )
+        )
 
     def retry_later(self, failures, owner, now=None):
         """Back off failed entries: ``failures`` is [(Entry, reason)].
@@ -204,23 +227,29 @@ class DueQueue:
         ``retry_backoff_max``.  Attempts and reason stay visible.
         """
         now = now or glance_db.utcnow()
-        with self.engine.begin() as conn:
-            for entry, reason in failures:
-                attempts = entry.attempts + 1
-                conn.execute(
-                    ENTRIES.update()
-                    .where(
-                        ENTRIES.c.id == entry.id,
-                        ENTRIES.c.lease_owner == owner,
-                    )
-                    .values(
-                        attempts=attempts,
-                        last_error=reason[:4000],
-                        next_attempt_at=now + self.backoff(attempts),
-                        lease_owner=None,
-                        lease_expires=None,
-                    )
+        failures = sorted(failures, key=lambda failure: failure[0].id)
+        if failures:
+            self._write(
+                lambda conn: self._back_off(conn, failures, owner, now)
+            )
+
+    def _back_off(self, conn, failures, owner, now):
+        for entry, reason in failures:
+            attempts = entry.attempts + 1
+            conn.execute(
+                ENTRIES.update()
+                .where(
+                    ENTRIES.c.id == entry.id,
+                    ENTRIES.c.lease_owner == owner,
                 )
+                .values(
+                    attempts=attempts,
+                    last_error=reason[:4000],
+                    next_attempt_at=now + self.backoff(attempts),
+                    lease_owner=None,
+                    lease_expires=None,
+                )
+            )
 
     def backoff(self, attempts):
         delay = min(
@@ -233,14 +262,18 @@ class DueQueue:
         ids = [e.id for e in entries]
         if not ids:
             return
-        with self.engine.begin() as conn:
-            conn.execute(
+        self._write(
+            lambda conn: conn.execute(
                 ENTRIES.update()
-                .where(ENTRIES.c.id.in_(ids), ENTRIES.c.lease_owner == owner)
+                .where(
+                    ENTRIES.c.id.in_(sorted(ids)),
+                    ENTRIES.c.lease_owner == owner,
+                )
                 .values(
                     next_attempt_at=at, lease_owner=None, lease_expires=None
                 )
             )
+        )
 
     # -- looking -----------------------------------------------------------
 
@@ -307,13 +340,14 @@ class DueQueue:
 
     def forget_image(self, image_id):
         """Drop the entries of an image (after a restore)."""
-        with self.engine.begin() as conn:
-            conn.execute(
+        self._write(
+            lambda conn: conn.execute(
                 ENTRIES.delete().where(
                     ENTRIES.c.image_id == image_id,
                     ENTRIES.c.location_id == WHOLE_IMAGE,
                 )
             )
+        )
 
     def count(self):
         with self.engine.connect() as conn:

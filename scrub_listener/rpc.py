@@ -15,8 +15,10 @@ import dataclasses
 import getpass
 import logging
 import socket
+import threading
 import uuid
 
+import futurist
 import oslo_messaging
 
 from scrub_listener import exceptions
@@ -89,6 +91,7 @@ class Client:
 
     def __init__(self, conf):
         self._conf = conf
+        self._abandoned = False
         self._transport = oslo_messaging.get_rpc_transport(
             conf, allowed_remote_exmods=REMOTE_EXMODS
         )
@@ -108,7 +111,7 @@ class Client:
 
     def call(self, method, **kwargs):
         try:
-            return self._client.call(self._context(), method, **kwargs)
+            return self._bounded_call(method, **kwargs)
         except oslo_messaging.MessagingTimeout as exc:
             raise exceptions.ServiceUnavailable(
                 f'no scrub-listener service answered on RPC topic '
@@ -125,6 +128,38 @@ class Client:
                 f'the service failed: {exc.exc_type}: {exc.value}'
             ) from exc
 
+    def _bounded_call(self, method, **kwargs):
+        # oslo.messaging bounds the reply wait (timeout) and the send
+        # (retry), but not the first declaration of the reply queue, which
+        # retries forever while the broker is down.  An admin tool must
+        # answer: run the call in a daemon thread and give up after the
+        # whole budget.
+        done = futurist.Future()
+
+        def call():
+            try:
+                done.set_result(
+                    self._client.call(self._context(), method, **kwargs)
+                )
+            except BaseException as exc:  # handed to the caller below
+                done.set_exception(exc)
+
+        threading.Thread(
+            target=call, name=f'rpc-{method}', daemon=True
+        ).start()
+        # the reply wait, plus the send's own reconnect attempts
+        budget = self._conf.rpc.timeout + 5 * (
+            self._conf.rpc.connect_retries + 1
+        )
+        try:
+            return done.result(timeout=budget)
+        except futurist.TimeoutError:
+            self._abandoned = True
+            raise exceptions.ServiceUnavailable(
+                f'no answer from the message broker or the service within '
+                f'{budget} s; is the broker up? --direct works without it'
+            ) from None
+
     def restore(self, image_id):
         return self.call('restore', image_id=image_id)
 
@@ -132,4 +167,7 @@ class Client:
         return self.call('status')
 
     def close(self):
-        self._transport.cleanup()
+        # After an abandoned call the driver is still reconnecting and
+        # cleanup() would wait for it forever; the process is ending.
+        if not self._abandoned:
+            self._transport.cleanup()

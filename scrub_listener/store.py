@@ -27,6 +27,7 @@ from scrub_listener import exceptions
 LOG = logging.getLogger(__name__)
 
 FILE_SCHEMES = ('file', 'filesystem')
+READ_ONLY_SCHEMES = ('http', 'https')
 
 # Outcomes of Stores.delete()
 DELETED = 'deleted'
@@ -130,9 +131,16 @@ class Stores:
                 glance_store.delete_from_backend(location.uri)
         except store_exc.NotFound:
             return ALREADY_GONE
-        except store_exc.StoreDeleteNotSupported:
-            # e.g. the read-only http store: the data is somebody else's.
-            return NOT_OURS
+        except store_exc.StoreDeleteNotSupported as exc:
+            if urllib.parse.urlsplit(location.uri).scheme in READ_ONLY_SCHEMES:
+                # The http store only reads somebody else's server.
+                return NOT_OURS
+            # A store that can delete says this when it could not start
+            # writable (e.g. the file store's datadir was read-only): a
+            # failure to retry, never a reason to forget the data.
+            raise exceptions.StoreError(
+                f'location {location.id}: store refuses deletes: {exc}'
+            ) from exc
         except Exception as exc:
             # Any store failure, whatever the driver raised: report it
             # with the location, the caller retries with backoff.
