@@ -11,6 +11,10 @@ compare
     ``--pools``; ``--delete-delay`` for the slow-store scenario.
 plot
     PNG plots from the JSON files of earlier runs.
+report
+    Markdown tables from those JSON files (docs/performance.md).
+micro
+    Per-location cost of each layer of a store delete, in-process.
 profile
     Read a py-spy raw profile (``sweep --profile``) and print where the
     time goes, by function.
@@ -211,6 +215,13 @@ def build_parser():
     plot.add_argument(
         '--out', required=True, metavar='PREFIX', help='PREFIX-*.png'
     )
+
+    micro = sub.add_parser(
+        'micro', help='per-location cost of each layer of a store delete'
+    )
+    micro.add_argument('-n', type=int, default=3000)
+    micro.add_argument('--size', type=int, default=65536)
+    micro.add_argument('--pool', type=int, default=8)
 
     report = sub.add_parser(
         'report', help='Markdown tables from --json files (for the docs)'
@@ -576,6 +587,15 @@ def cmd_report(args):
     return 0
 
 
+def cmd_micro(args):
+    from tools.bench import micro
+
+    results = micro.run(args.n, args.size, args.pool)
+    for line in micro.lines(results, args.n, args.size, args.pool):
+        print(line)
+    return 0
+
+
 def cmd_profile(args):
     from tools.bench import profile
 
@@ -614,6 +634,7 @@ def _dispatch(args):
         'compare': cmd_compare,
         'plot': cmd_plot,
         'report': cmd_report,
+        'micro': cmd_micro,
         'profile': cmd_profile,
     }[args.command]
     try:
