@@ -1040,3 +1040,22 @@ class RpcCaller:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def queue_properties(vhost_name, queue_name):
+    """{'durable': bool, 'type': str} of a queue, from rabbitmqctl."""
+    out = harness._rabbitmqctl(
+        'list_queues',
+        '--vhost',
+        vhost_name,
+        '--no-table-headers',
+        '--quiet',
+        'name',
+        'durable',
+        'type',
+    )
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] == queue_name:
+            return {'durable': parts[1] == 'true', 'type': parts[2]}
+    return None
