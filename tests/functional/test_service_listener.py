@@ -752,3 +752,87 @@ def test_broker_down_at_start_the_sweep_still_scrubs_and_sigterm_works(
     print(f'\nbroker never reached: SIGTERM -> exit {rc} in {took:.2f} s')
     assert rc == 0
     assert took < 5
+
+
+# ----------------------------------------------------------------- failures
+
+
+def test_a_failing_scrub_backs_off_stays_visible_and_blocks_nothing(
+    world, services
+):
+    sections = world.config()
+    sections['scrub_queue'].update(retry_backoff=1, retry_backoff_max=60)
+    svc = services(sections, env=world.env())
+    poisoned = world.pending()
+    # a directory where the image file should be: the store cannot
+    # delete it (as root, permissions would not stop it)
+    os.unlink(world.path(poisoned))
+    os.makedirs(os.path.join(world.path(poisoned), 'sub'))
+    world.publisher.image_delete(poisoned)
+    good = _barrier(world, svc)
+
+    sf.wait_until(
+        lambda: [
+            r
+            for r in sf.queue_rows(_queue_url(world))
+            if r['image_id'] == poisoned and r['attempts'] >= 2
+        ],
+        15,
+        message=svc.log_tail,
+    )
+    time.sleep(3)
+    [row] = sf.queue_rows(_queue_url(world))
+    # 1 s, 2 s, 4 s ... (±10 %): a handful of attempts, not a hot loop
+    assert 2 <= row['attempts'] <= 4, row
+    assert 'store delete failed' in row['last_error']
+    next_attempt = datetime.datetime.fromisoformat(str(row['next_attempt_at']))
+    assert next_attempt > glance_rows.utcnow() - datetime.timedelta(seconds=1)
+    assert sf.image_statuses(world.glance_url, [poisoned, good]) == {
+        poisoned: 'pending_delete',
+        good: 'deleted',
+    }
+    assert sf.location_statuses(world.glance_url, [poisoned]) == {
+        poisoned: ['pending_delete']
+    }
+    assert svc.count(rf'Failed to scrub image {poisoned}') == row['attempts']
+
+    # visible to an operator: status over RPC and the listing
+    with sf.RpcCaller(world.vhost.transport_url, world.rpc_topic) as rpc:
+        status = rpc.call('status')
+    assert status['queued'] == 1 and status['failing'] == 1
+    rc, out, err, _ = sf.run_cli(['list'], svc.config_file)
+    assert rc == 0, err
+    assert poisoned in out and f'failed ({row["attempts"]} attempts)' in out
+
+    # repaired: the next attempt scrubs it
+    os.rmdir(os.path.join(world.path(poisoned), 'sub'))
+    os.rmdir(world.path(poisoned))
+    world.wait_scrubbed([poisoned], 15, svc)
+
+
+def test_sigterm_during_a_database_outage_loses_no_deletion(world, services):
+    """Events that cannot be recorded at shutdown are left to the sweep:
+    the next start finds the images still pending_delete in Glance."""
+    proxy = sf.TcpProxy('127.0.0.1', 3306)
+    try:
+        sections = world.config(glance_url=proxy.url_for(world.glance_url))
+        svc = services(sections, name='first', env=world.env())
+        images = [world.pending() for _ in range(5)]
+        proxy.cut()
+        for image_id in images:
+            world.publisher.image_delete(image_id)
+        svc.wait_for_log('Cannot record .* image.delete event', 15)
+
+        rc, took = svc.terminate(timeout=30)
+        print(f'\nSIGTERM during a Glance DB outage: exit {rc} in {took:.2f}')
+        assert rc == 0
+        assert took < 10
+        assert 'left to the sweep' in svc.log()
+        assert all(os.path.exists(world.path(i)) for i in images)
+
+        proxy.restore()
+        again = services(sections, name='again', env=world.env())
+        world.wait_scrubbed(images, 15, again)
+        assert again.count('Sweep found 5 due deletions, 5 new') == 1
+    finally:
+        proxy.close()
