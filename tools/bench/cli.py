@@ -124,6 +124,14 @@ def _add_workload_args(parser, n_default, pool_default):
         '(default: %(default)s)',
     )
     parser.add_argument(
+        '--no-sync',
+        dest='sync',
+        action='store_false',
+        help='do not sync the new data files to disk before the run: the '
+        'deletes then hit files still in the page cache, never written '
+        '(cheaper unlinks than a real store)',
+    )
+    parser.add_argument(
         '--quiet-below',
         type=float,
         default=0.3,
@@ -334,6 +342,7 @@ def _common(args):
         'code_dir': args.code_dir,
         'quiet_below': args.quiet_below,
         'quiet_wait': args.quiet_wait,
+        'sync': args.sync,
     }
 
 
@@ -508,9 +517,9 @@ def markdown_tables(entries):
         lines.append(
             '| tool | N | pool | store delay | live images | ok/runs | '
             'images/s | net images/s | wall s | CPU s | DB server CPU s | '
-            'peak RSS MiB | SL vs GS |'
+            'kernel threads CPU s | peak RSS MiB | SL vs GS |'
         )
-        lines.append('|' + '---|' * 13)
+        lines.append('|' + '---|' * 14)
         for row in entry['summary']:
             cells = [
                 row['tool'],
@@ -529,12 +538,15 @@ def markdown_tables(entries):
                     _md_spread(row['db_cpu'], '.2f')
                     if 'db_cpu' in row
                     else '-',
+                    _md_spread(row['kernel_cpu'], '.2f')
+                    if 'kernel_cpu' in row
+                    else '-',
                     _md_spread(row['rss_mib'], '.0f'),
                 ]
                 if row.get('noisy'):
                     cells[5] += f' ({row["noisy"]} noisy)'
             else:
-                cells += ['no verified run', '', '', '', '', '']
+                cells += ['no verified run', '', '', '', '', '', '']
             ratio = ''
             if 'ratio' in row:
                 ratio = f'{row["ratio"]:.1f}× images/s'
@@ -549,7 +561,7 @@ def markdown_tables(entries):
         for tool, n, pool in entry.get('skipped', []):
             lines.append(
                 f'| {tool} | {n:,} | {pool} | | | skipped (N > '
-                f'--scrubber-max-n) | | | | | | | |'
+                f'--scrubber-max-n) | | | | | | | | |'
             )
         lines.append('')
     return lines
@@ -566,7 +578,11 @@ def _code_line(entry):
             code += ' with uncommitted changes to scrub_listener/'
         elif 'scrub_listener_uncommitted_changes' not in machine:
             code += ' (uncommitted changes not recorded)'
-    return f'Measured {machine.get("date", "?")}, {code}.'
+    if entry.get('args', {}).get('sync', False):
+        files = 'data files synced to disk before each run'
+    else:
+        files = 'data files not synced (still in the page cache)'
+    return f'Measured {machine.get("date", "?")}, {code}; {files}.'
 
 
 def _command_line(entry):

@@ -133,6 +133,8 @@ class Run:
     quiet_wait: float = 0.0
     others: float = 0.0
     db_cpu: float | None = None
+    kernel_cpu: float = 0.0
+    sync: bool = True
 
     @property
     def cpu(self):
@@ -162,6 +164,8 @@ class Run:
             what += f' delay={self.delay * 1000:g}ms'
         if self.live:
             what += f' live={self.live}'
+        if not self.sync:
+            what += ' files-not-synced'
         numbers = (
             f'wall {self.wall:7.2f} s  cpu {self.cpu:7.2f} s '
             f'(user {self.user:.2f} + sys {self.sys:.2f})  '
@@ -169,6 +173,7 @@ class Run:
         )
         if self.db_cpu is not None:
             numbers += f'  db cpu {self.db_cpu:6.2f} s'
+        numbers += f'  kernel {self.kernel_cpu:5.2f} s'
         if self.n:
             numbers += f'  {self.rate:7.1f} images/s'
         if self.timed_out:
@@ -205,6 +210,7 @@ def run_once(
     code_dir=None,
     quiet_below=0.3,
     quiet_wait=300.0,
+    sync=True,
 ):
     """Build a fresh workload, run ``tool`` on it, verify, clean up."""
     run = Run(
@@ -217,6 +223,7 @@ def run_once(
         delay,
         rep,
         live=live,
+        sync=sync,
     )
     load = workload_mod.Workload(
         backend=backend,
@@ -226,6 +233,7 @@ def run_once(
         queue_backend=queue_backend if tool == 'scrub-listener' else 'sqlite',
         visibility=visibility,
         live=live,
+        sync=sync,
     )
     with load:
         config = load.write_config(tool, pool)
@@ -267,12 +275,10 @@ def run_once(
         run.wall, run.user, run.sys = result.wall, result.user, result.sys
         run.rss_mib = result.rss_mib
         run.db_cpu = result.db_cpu
+        run.kernel_cpu = result.kernel_cpu
         if result.wall > 0:
-            run.others = max(
-                0.0,
-                (result.machine_busy - result.cpu - (result.db_cpu or 0))
-                / result.wall,
-            )
+            mine = result.cpu + (result.db_cpu or 0) + result.kernel_cpu
+            run.others = max(0.0, (result.machine_busy - mine) / result.wall)
         run.returncode = result.returncode
         run.timed_out = result.timed_out
         done = _DONE.search(result.stdout())
@@ -339,6 +345,7 @@ def summarize(runs):
             db = [r.db_cpu for r in good if r.db_cpu is not None]
             if db:
                 row['db_cpu'] = spread(db)
+            row['kernel_cpu'] = spread([r.kernel_cpu for r in good])
             row['noisy'] = sum(r.others > NOISY for r in good)
             base = startup.get((tool, pool, delay, backend, live))
             if n > FIXED_N and base is not None and row['wall'][0] > base:
@@ -416,6 +423,8 @@ def summary_lines(rows):
         ]
         if 'db_cpu' in row:
             parts.append(f'db cpu {_fmt(row["db_cpu"], ".2f")} s')
+        if 'kernel_cpu' in row:
+            parts.append(f'kernel {_fmt(row["kernel_cpu"], ".2f")} s')
         if row.get('noisy'):
             parts.append(f'{row["noisy"]} noisy')
         lines.append(f'{head}  ' + '  '.join(parts))

@@ -50,9 +50,11 @@ class Workload:
         visibility='shared',
         live=0,
         live_size=1024,
+        sync=True,
     ):
         self.backend = backend
         self.live = live
+        self.sync = sync
         self.live_size = live_size
         self.count = count
         self.size = size
@@ -97,7 +99,8 @@ class Workload:
             # writes them back *during* the timed run (and unlink of a
             # dirty page costs more), charging the setup to the tool.
             # Images waiting for a scrub were written long ago.
-            os.sync()
+            if self.sync:
+                os.sync()
         except BaseException:
             self.cleanup()
             raise
