@@ -836,3 +836,91 @@ def test_sigterm_during_a_database_outage_loses_no_deletion(world, services):
         assert again.count('Sweep found 5 due deletions, 5 new') == 1
     finally:
         proxy.close()
+
+
+# -------------------------------------------------------- image shapes
+
+
+def test_multi_location_and_community_images_are_scrubbed(world, services):
+    svc = services(world.config(), env=world.env())
+    paths = [os.path.join(world.store_dir, f'two-{i}') for i in range(2)]
+    for path in paths:
+        with open(path, 'wb') as f:
+            f.write(b'x' * 1024)
+    two = world.pending(
+        locations=[('file://' + p, {'store': 'fs'}) for p in paths]
+    )
+    # glance-scrubber never scrubs community images (NOTES.md)
+    community = world.pending(visibility='community')
+    world.publisher.image_delete(two)
+    world.publisher.image_delete(community, visibility='community')
+    world.wait_scrubbed([community], 10, svc)
+    sf.wait_until(
+        lambda: sf.image_statuses(world.glance_url, [two])[two] == 'deleted',
+        10,
+        message=svc.log_tail,
+    )
+    assert not any(os.path.exists(p) for p in paths)
+    assert sf.location_statuses(world.glance_url, [two]) == {
+        two: ['deleted', 'deleted']
+    }
+    assert svc.count(rf'Scrubbed image {two}: 2 location\(s\)') == 1
+
+
+def test_sweep_scrubs_a_location_removed_from_a_live_image(world, services):
+    """PATCH remove /locations/N (delayed_delete) leaves the image active
+    and the removed location pending_delete, with no image.delete event:
+    glance-scrubber never scrubs it; the periodic sweep must."""
+    svc = services(world.config(wakeup_time=1), env=world.env())
+    kept, removed = (
+        os.path.join(world.store_dir, name) for name in ('kept', 'removed')
+    )
+    for path in (kept, removed):
+        with open(path, 'wb') as f:
+            f.write(b'y' * 1024)
+    image_id = world.pending(
+        status='active',
+        locations=[('file://' + p, {'store': 'fs'}) for p in (kept, removed)],
+    )
+    eng = sf.engine(world.glance_url)
+    try:
+        table = glance_rows._tables(eng)['image_locations']
+        now = glance_rows.utcnow()
+        with eng.begin() as conn:
+            conn.execute(
+                table.update()
+                .where(
+                    table.c.image_id == image_id,
+                    table.c.value == 'file://' + removed,
+                )
+                .values(
+                    status='pending_delete',
+                    deleted=True,
+                    deleted_at=now,
+                    updated_at=now,
+                )
+            )
+    finally:
+        eng.dispose()
+
+    sf.wait_until(
+        lambda: not os.path.exists(removed), 10, message=svc.log_tail
+    )
+    time.sleep(0.5)
+    assert os.path.exists(kept)
+    assert sf.image_statuses(world.glance_url, [image_id]) == {
+        image_id: 'active'
+    }
+    assert sf.location_statuses(world.glance_url, [image_id]) == {
+        image_id: ['active', 'deleted']
+    }
+
+
+def test_rpc_topic_equal_to_the_pool_is_refused(world, services):
+    sections = world.config()
+    sections['rpc']['topic'] = world.pool
+    svc = services(sections, env=world.env(), start=False)
+    svc.start(wait=False)
+    rc, _ = svc.wait(20)
+    assert rc == 2
+    assert 'ERROR: [rpc] topic and [listener] pool are both' in svc.log()
