@@ -655,36 +655,46 @@ class GlanceDB:
 
         Two images can point at one URL.  If a scrub of the other image
         claimed its row, the data is being deleted: reviving ours would
-        leave an active image without data.  The rows are read FOR UPDATE:
-        a claim of them that is in flight finishes first (then we see
-        ``scrubbing``), and a claim that comes after waits for us (then it
-        sees our live row and keeps the data, see _mark_shared).
+        leave an active image without data.  We lock the other images'
+        rows, as a claim does: a claim of them in flight finishes first
+        (then we see ``scrubbing``), and a claim that comes after waits
+        for our commit (then it sees our live row and keeps the data, see
+        _mark_shared).  Only image rows are locked (by primary key): a
+        FOR UPDATE on the unindexed URL column would lock the whole table.
         """
         uris = {loc.uri for loc in locations}
-        others = sa.select(
-            LOCATIONS.c.id, LOCATIONS.c.value, LOCATIONS.c.status
+        sharing = {
+            row.image_id for row in self._rows_with_uris(conn, image_id, uris)
+        }
+        if not sharing:
+            return
+        self._lock_images(conn, sharing)
+        for row in self._rows_with_uris(conn, image_id, uris):
+            if row.status == SCRUBBING:
+                raise exceptions.ScrubInProgress(image_id=image_id)
+
+    def _rows_with_uris(self, conn, image_id, uris):
+        """Other images' location rows with one of ``uris`` (plain read).
+
+        With encryption the same URL never encrypts the same way, so only the
+        rows in ``scrubbing`` (few: claims in flight) are decrypted and
+        compared; a claim racing us on a row still pending_delete is then
+        not seen (a known, narrow gap; see the README).
+        """
+        query = sa.select(
+            LOCATIONS.c.image_id, LOCATIONS.c.value, LOCATIONS.c.status
         ).where(LOCATIONS.c.image_id != image_id)
         if self._key is None:
-            # Lock every row with the same URL, whatever its status, so a
-            # claim of one of them in flight is waited for.
-            others = others.where(LOCATIONS.c.value.in_(sorted(uris)))
+            query = query.where(LOCATIONS.c.value.in_(sorted(uris)))
         else:
-            # The same URL never encrypts the same way: read every claimed
-            # row (few: only claims in flight) and compare plaintexts.  A
-            # claim racing us on a row still pending_delete is not locked
-            # out here (a known, narrow gap; see the README).
-            others = others.where(LOCATIONS.c.status == SCRUBBING)
-        for row in conn.execute(
-            others.order_by(LOCATIONS.c.id).with_for_update()
-        ):
-            if row.status != SCRUBBING:
-                continue
+            query = query.where(LOCATIONS.c.status == SCRUBBING)
+        for row in conn.execute(query):
             try:
-                shared = self.location_uri(row.value) in uris
+                if self.location_uri(row.value) not in uris:
+                    continue
             except exceptions.CorruptLocation:
                 continue
-            if shared:
-                raise exceptions.ScrubInProgress(image_id=image_id)
+            yield row
 
     @staticmethod
     def _in_deletion(table, image, deletion_window):
