@@ -84,6 +84,17 @@ class Glance:
             image_id, None, self.image(image_id).deleted_at
         )
 
+    def location_deletion(self, location_id):
+        """The Deletion of one removed location, as the queue holds it."""
+        t = self.tables['image_locations']
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(t.c.image_id, t.c.deleted_at).where(
+                    t.c.id == location_id
+                )
+            ).one()
+        return glance_db.Deletion(row.image_id, location_id, row.deleted_at)
+
     def update(self, table, row_id, **values):
         t = self.tables[table]
         with self.engine.begin() as conn:

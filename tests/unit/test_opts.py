@@ -140,15 +140,8 @@ def test_glance_scrubber_option_kept(glance_opts, name):
     [
         'scrub_time',
         'scrub_pool_size',
-        pytest.param(
-            'wakeup_time',
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason='BUG: [DEFAULT] wakeup_time has min=1, glance-scrubber'
-                ' has min=0: a glance-scrubber.conf with wakeup_time = 0 '
-                'loads in glance-scrubber and is refused by scrub-listener',
-            ),
-        ),
+        # was min=1: a glance-scrubber.conf with 0 did not load
+        'wakeup_time',
     ],
 )
 def test_glance_scrubber_minimum_kept(glance_opts, name):

@@ -6,7 +6,6 @@ import futurist
 import pytest
 
 from scrub_listener import exceptions
-from scrub_listener import glance_db
 from scrub_listener import scrubber
 from tests.unit.conftest import ago
 from tests.unit.conftest import path_of
@@ -168,7 +167,7 @@ def test_removed_location_of_live_image(glance, scrub):
     url = glance.write_file('old')
     removed = glance.add_location(live, url)
     glance.remove_location(removed, ago(100))
-    [outcome] = scrub.scrub([glance_db.Deletion(live, removed, ago(100))])
+    [outcome] = scrub.scrub([glance.location_deletion(removed)])
     assert outcome.status == scrubber.SCRUBBED
     assert not outcome.image_deleted
     assert glance.image(live).status == 'active'

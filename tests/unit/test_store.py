@@ -246,13 +246,31 @@ def test_delete_failure_is_a_store_error(multi, dirs):
     assert os.path.isdir(os.path.join(dirs['fs'], 'subdir'))
 
 
-def test_delete_not_supported_is_not_ours(multi, dirs, monkeypatch):
+@pytest.mark.parametrize(
+    'uri, expected',
+    [
+        ('http://example.com/img', store.NOT_OURS),
+        ('file:///{fs}/img', exceptions.StoreError),
+    ],
+)
+def test_delete_not_supported(multi, dirs, monkeypatch, uri, expected):
+    """The read-only http store's data is somebody else's; a file store
+    that says "not supported" (its datadir was read-only at start) is a
+    failure to retry, never a reason to forget the data."""
+
     def refuse(uri, backend, context=None):
         raise store_exc.StoreDeleteNotSupported()
 
     monkeypatch.setattr(store.glance_store, 'delete', refuse)
-    path = _file(dirs['fs'], 'img')
-    assert multi.delete(_loc('file://' + path, 'fs')) == store.NOT_OURS
+    monkeypatch.setattr(multi, 'resolve', lambda location: 'fs')
+    _file(dirs['fs'], 'img')
+    location = _loc(uri.format(fs=dirs['fs']), 'fs')
+    if expected is exceptions.StoreError:
+        with pytest.raises(exceptions.StoreError, match='refuses deletes'):
+            multi.delete(location)
+        assert os.path.exists(os.path.join(dirs['fs'], 'img'))
+    else:
+        assert multi.delete(location) == expected
 
 
 def test_check_present(multi, dirs):
