@@ -824,7 +824,9 @@ def test_sigterm_during_a_database_outage_loses_no_deletion(world, services):
         svc.wait_for_log('Cannot record .* image.delete event', 15)
 
         rc, took = svc.terminate(timeout=30)
-        print(f'\nSIGTERM during a Glance DB outage: exit {rc} in {took:.2f}')
+        print(
+            f'\nSIGTERM during a Glance DB outage: exit {rc} in {took:.2f} s'
+        )
         assert rc == 0
         assert took < 10
         assert 'left to the sweep' in svc.log()
