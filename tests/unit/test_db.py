@@ -1,0 +1,118 @@
+"""scrub_listener.db: engines, SQLite BEGIN IMMEDIATE, deadlock retry."""
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+
+from scrub_listener import db
+from scrub_listener import exceptions
+
+
+def _operational(text):
+    return sa_exc.OperationalError('SELECT 1', {}, Exception(text))
+
+
+@pytest.mark.parametrize(
+    'url', ['not a url', 'nosuchdialect://x/y', 'mysql+nosuchdriver://x/y']
+)
+def test_bad_urls_are_config_errors(url):
+    with pytest.raises(exceptions.ConfigError) as info:
+        db.create_engine(url, '[database] connection')
+    assert '[database] connection' in str(info.value)
+
+
+def test_sqlite_transactions_begin_immediate(tmp_path):
+    engine = db.create_engine(f'sqlite:///{tmp_path / "x.db"}', 'test')
+    statements = []
+    event.listen(
+        engine,
+        'before_cursor_execute',
+        lambda conn, cursor, statement, *args: statements.append(statement),
+    )
+    with engine.begin() as conn:
+        conn.execute(sa.text('CREATE TABLE t (x INTEGER)'))
+    with engine.connect() as conn:
+        conn.execute(sa.text('SELECT * FROM t')).all()
+    assert statements.count('BEGIN IMMEDIATE') == 2
+    engine.dispose()
+
+
+def test_sqlite_second_writer_waits_for_the_first(tmp_path):
+    # BEGIN IMMEDIATE takes the write lock up front: a second writer
+    # cannot even start its transaction while the first one is open.
+    engine = db.create_engine(f'sqlite:///{tmp_path / "x.db"}', 'test')
+    other = sa.create_engine(
+        f'sqlite:///{tmp_path / "x.db"}', connect_args={'timeout': 0.1}
+    )
+    with engine.begin() as conn:
+        conn.execute(sa.text('CREATE TABLE t (x INTEGER)'))
+    with engine.begin() as conn:
+        conn.execute(sa.text('SELECT * FROM t')).all()  # reads only
+        with other.connect() as second:
+            with pytest.raises(sa_exc.OperationalError, match='locked'):
+                second.execute(sa.text('INSERT INTO t VALUES (1)'))
+                second.commit()
+    engine.dispose()
+    other.dispose()
+
+
+@pytest.mark.parametrize(
+    'text',
+    [
+        '(1213, Deadlock found when trying to get lock)',
+        'deadlock detected',
+        '(1205, Lock wait timeout exceeded; try restarting transaction)',
+    ],
+)
+def test_deadlocks_are_retried(text):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise _operational(text)
+        return 'done'
+
+    assert db.with_deadlock_retry(flaky) == 'done'
+    assert len(calls) == 3
+
+
+def test_deadlock_retry_gives_up():
+    calls = []
+
+    def always():
+        calls.append(1)
+        raise _operational('Deadlock found')
+
+    with pytest.raises(sa_exc.OperationalError):
+        db.with_deadlock_retry(always, attempts=4)
+    assert len(calls) == 4
+
+
+def test_other_errors_are_not_retried():
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise _operational('no such table: images')
+
+    with pytest.raises(sa_exc.OperationalError):
+        db.with_deadlock_retry(broken)
+    assert len(calls) == 1
+
+
+def test_unreachable_database_hides_the_password():
+    url = 'mysql+pymysql://glance:s3cret@db.example:3306/glance'
+    with pytest.raises(exceptions.DatabaseUnavailable) as info:
+        with db.translate_errors('Glance database', url):
+            raise _operational('(2003, "Can\'t connect to MySQL server")')
+    assert 's3cret' not in str(info.value)
+    assert 'db.example' in str(info.value)
+    assert info.value.exit_code == 3
+
+
+def test_other_operational_errors_pass_through():
+    with pytest.raises(sa_exc.OperationalError):
+        with db.translate_errors('Glance database', 'sqlite:///x'):
+            raise _operational('no such column: foo')
