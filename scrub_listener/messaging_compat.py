@@ -1,4 +1,6 @@
-"""A fix for oslo.messaging (18.3.1) that a bounded prefetch needs.
+"""Fixes for oslo.messaging (18.3.1) that a robust listener needs.
+
+First, duplicates and the bounded prefetch:
 
 ``AMQPListener.__call__`` drops a message whose ``_unique_id`` is in its
 recent-message cache (a publisher's retry, a redelivery after a
@@ -13,12 +15,15 @@ id only enters the cache when it is received), and every handling is
 idempotent here anyway.  The patch is applied once, only to the class
 and method it was written for, and is a no-op if oslo.messaging changes
 shape.
+
+Second, :class:`TolerantBatchDispatcher`, below.
 """
 
 import logging
 
 from oslo_messaging._drivers import amqp as rpc_amqp
 from oslo_messaging._drivers import amqpdriver
+from oslo_messaging.notify import dispatcher as notify_dispatcher
 
 LOG = logging.getLogger(__name__)
 
@@ -52,3 +57,31 @@ def ack_duplicate_messages():
 
     setattr(__call__, _MARK, True)
     listener_cls.__call__ = __call__
+
+
+class TolerantBatchDispatcher(notify_dispatcher.BatchNotificationDispatcher):
+    """Drop, alone, a notification oslo.messaging cannot even dispatch.
+
+    The stock batch dispatcher calls ``message.get('priority', '').lower()``
+    on every message of a batch before any endpoint runs: one message
+    whose body is not an object, or whose priority is not a string, makes
+    the whole batch fail, and the good events in it are acked unhandled.
+    Such a message is logged and acked here; the rest of the batch goes
+    on.
+    """
+
+    def dispatch(self, incoming):
+        good = []
+        for message in incoming:
+            body = message.message
+            priority = body.get('priority') if isinstance(body, dict) else None
+            if isinstance(priority, str):
+                good.append(message)
+            else:
+                LOG.warning(
+                    'Dropping malformed notification %s: priority %r is '
+                    'not a string',
+                    body.get('message_id') if isinstance(body, dict) else '?',
+                    priority,
+                )
+        return super().dispatch(good) if good else set()

@@ -156,8 +156,8 @@ listener_opts = [
         'scrub-listener instances share it (each event is handled once) '
         'and other consumers of the topic (ceilometer...) keep their own '
         'copy. The queue is created on first start and is transient unless '
-        '[oslo_messaging_rabbit] amqp_durable_queues or rabbit_quorum_queue '
-        'is set: set one of them so no event is lost over a broker restart.',
+        '[oslo_messaging_rabbit] amqp_durable_queues is set here and in '
+        'glance-api.conf (the glance exchange must be durable too).',
     ),
     cfg.IntOpt(
         'batch_size',

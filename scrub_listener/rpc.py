@@ -20,6 +20,7 @@ import uuid
 
 import futurist
 import oslo_messaging
+from sqlalchemy import exc as sa_exc
 
 from scrub_listener import exceptions
 
@@ -66,7 +67,16 @@ class ScrubListenerAPI:
             who,
             ctxt.get('request_id'),
         )
-        result = self._restorer.restore(image_id, requested_by=who)
+        try:
+            result = self._restorer.restore(image_id, requested_by=who)
+        except sa_exc.SQLAlchemyError as exc:
+            # Only our own exception types cross the wire with their
+            # meaning (and exit code); a database error would arrive as an
+            # anonymous RemoteError.
+            raise exceptions.DatabaseUnavailable(
+                f'database error during restore: '
+                f'{getattr(exc, "orig", None) or exc}'
+            ) from exc
         return dataclasses.asdict(result)
 
     @oslo_messaging.expose

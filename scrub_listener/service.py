@@ -27,7 +27,9 @@ import threading
 
 import oslo_messaging
 from futurist import periodics
+from oslo_config import cfg
 from oslo_messaging import opts as messaging_opts
+from oslo_messaging.notify import listener as notify_listener
 
 from scrub_listener import exceptions
 from scrub_listener import glance_db
@@ -71,8 +73,11 @@ def set_messaging_defaults(conf):
 
 
 class Service:
-    def __init__(self, conf, parts):
+    def __init__(self, conf, parts, on_fatal):
+        """``on_fatal(exc)`` is called (from a thread) if the service
+        cannot run; the caller stops it and exits non-zero."""
         self._conf = conf
+        self._on_fatal = on_fatal
         self._parts = parts
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -121,10 +126,14 @@ class Service:
             oslo_messaging.Target(topic=topic, exchange=conf.listener.exchange)
             for topic in conf.listener.topics
         ]
-        self._listener = oslo_messaging.get_batch_notification_listener(
+        # The factory get_batch_notification_listener() with our own
+        # dispatcher (see messaging_compat.TolerantBatchDispatcher).
+        self._listener = notify_listener.BatchNotificationServer(
             notify_transport,
             targets,
-            [self._endpoint],
+            messaging_compat.TolerantBatchDispatcher(
+                [self._endpoint], oslo_messaging.NoOpSerializer()
+            ),
             # No requeue: the endpoint retries a transient failure itself
             # (the batch stays unacked meanwhile) and a batch oslo.messaging
             # cannot even dispatch (malformed envelope) would otherwise be
@@ -164,8 +173,15 @@ class Service:
     def _start_messaging(self):
         # Blocks (oslo.messaging retries) for as long as the broker is
         # unreachable; the rabbit driver logs each attempt.
-        self._rpc_server.start()
-        self._listener.start()
+        try:
+            self._rpc_server.start()
+            self._listener.start()
+        except Exception as exc:
+            # e.g. the broker refuses our queue declaration: without a
+            # listener and an RPC server we must not look alive.
+            LOG.critical('Cannot start consuming from the broker: %s', exc)
+            self._on_fatal(exc)
+            return
         self._messaging_started.set()
         LOG.info(
             'scrub-listener started on %s: events from exchange %r topics '
@@ -216,9 +232,21 @@ class Service:
         return finished
 
     def reload(self):
-        """SIGHUP: re-read the mutable options."""
-        self._conf.mutate_config_files()
-        scrub_time = self._conf.scrub_time
+        """SIGHUP: re-read the mutable options.
+
+        A bad new value is logged and the running one kept: a typo in a
+        reload must not take the service down.
+        """
+        try:
+            self._conf.mutate_config_files()
+            scrub_time = self._conf.scrub_time
+        except (cfg.Error, ValueError) as exc:
+            LOG.error(
+                'Reload refused, keeping scrub_time %d s: %s',
+                self._endpoint.scrub_time,
+                exc,
+            )
+            return
         self._endpoint.scrub_time = scrub_time
         self._parts.sweeper.scrub_time = scrub_time
         self._parts.drain.scrub_time = scrub_time
@@ -252,6 +280,6 @@ class Service:
         return {
             'host': self._conf.host,
             'time': datetime.datetime.now(datetime.UTC).isoformat(),
-            'scrub_time': self._conf.scrub_time,
+            'scrub_time': self._endpoint.scrub_time,
             **stats,
         }

@@ -50,21 +50,27 @@ def _sweep_once(conf, parts):
     return 1 if stats.failed else 0
 
 
+FATAL = 'fatal'
+
+
 def _serve(conf, parts):
-    server = service.Service(conf, parts)
-    # Handlers only post the signal number (SimpleQueue.put is reentrant,
-    # safe in a handler); the work happens in the main thread below.
-    signals = queue.SimpleQueue()
+    # Signal handlers and the service's fatal-error callback only post an
+    # event (SimpleQueue.put is reentrant, safe in a handler); the work
+    # happens in the main thread below.
+    events = queue.SimpleQueue()
+    server = service.Service(
+        conf, parts, on_fatal=lambda exc: events.put(FATAL)
+    )
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda signum, frame: signals.put(signum))
+        signal.signal(signum, lambda signum, frame: events.put(signum))
     server.start()
-    while signals.get() == signal.SIGHUP:
+    while (event := events.get()) == signal.SIGHUP:
         server.reload()
     if not server.stop():
         # graceful_shutdown_timeout is a bound: do not wait for the store
         # deletes still running; their leases are taken over later.
         parts.close(wait=False)
-    return 0
+    return 1 if event == FATAL else 0
 
 
 if __name__ == '__main__':
