@@ -391,6 +391,17 @@ class Env:
         finally:
             engine.dispose()
 
+    def queue_rows(self):
+        """Rows of the due-queue table ([] if it does not exist yet)."""
+        url = self.queue_url_effective()
+        if url.startswith('sqlite:') and not os.path.exists(
+            url[len('sqlite:///') :]
+        ):
+            return []
+        if 'scrub_queue' not in harness.table_names(url):
+            return []
+        return harness.fetch_all(url, 'SELECT * FROM scrub_queue')
+
     # -- assertions
 
     def assert_scrubbed(self, image_id, paths=None):
@@ -427,13 +438,15 @@ def _queue_url(backend, made):
         except harness.HarnessError as exc:
             pytest.fail(str(exc), pytrace=False)
     url = made[backend]
-    # why drop rather than truncate: the product owns this schema and
-    # recreates it on start; a test never sees a previous test's queue.
+    # A test never sees a previous test's queue.  Rows only: the product
+    # creates its schema on the first start and finds it afterwards.
     engine = sa.create_engine(url, poolclass=pool.NullPool)
     try:
         meta = sa.MetaData()
         meta.reflect(engine)
-        meta.drop_all(engine)
+        with engine.begin() as conn:
+            for table in reversed(meta.sorted_tables):
+                conn.execute(table.delete())
     finally:
         engine.dispose()
     return url

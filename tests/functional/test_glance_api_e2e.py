@@ -129,9 +129,10 @@ def test_delete_via_api_then_restore_serves_same_bytes(api, tmp_path):
     assert _rows(api, image_id) == (('deleted', True), [('deleted', True)])
 
 
-def test_location_removed_via_api_is_scrubbed(api, tmp_path):
+def test_location_removed_via_api_is_scrubbed(module_glance_api, tmp_path):
     """PATCH remove /locations/1 on an active image: the removed copy's
     data is scrubbed, the image keeps serving from the other one."""
+    api = module_glance_api(None)
     conf = _scrub_listener_conf(api, tmp_path)
     data = os.urandom(64 * 1024)
     image_id = api.create_image('e2e-two-copies', data)
