@@ -254,16 +254,6 @@ def test_listener_survives_1000_malformed_messages(world, services):
     assert svc.count('Exception during messages handling') == requeue_errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: a notification whose "priority" is not a string makes '
-    "oslo.messaging's BatchNotificationDispatcher.dispatch raise "
-    '(_extract_user_message calls .lower() on it) before any endpoint '
-    'runs; with allow_requeue=False (service.py _build_messaging) '
-    'BatchNotificationServer then acks the whole batch: the good '
-    'image.delete events that shared the batch are dropped unrecorded, '
-    'and only the next sweep (wakeup_time later) finds those images',
-)
 def test_priority_of_wrong_type_does_not_block_the_listener(world, services):
     svc = services(world.config(), env=world.env())
     image_id = world.pending()
@@ -567,15 +557,17 @@ def test_sigterm_exits_within_graceful_shutdown_timeout(world, services):
     sections = world.config(pool_size=1)
     sections['service']['graceful_shutdown_timeout'] = 1
     svc = services(sections, env=world.env(SL_TEST_DELETE_DELAY=0.5))
-    images = [world.pending() for _ in range(12)]  # a 6 s batch
+    images = [world.pending() for _ in range(40)]  # a 20 s batch
     for image_id in images:
         world.publisher.image_delete(image_id)
     sf.wait_until(lambda: world.deletes.calls(), 10)
 
     rc, took = svc.terminate(timeout=30)
-    print(f'\nSIGTERM with a 6 s batch -> exit {rc} in {took:.2f} s')
+    print(f'\nSIGTERM with a 20 s batch -> exit {rc} in {took:.2f} s')
     assert rc == 0
-    assert took < 1 + 3
+    # far below the batch: the exit did not wait for it (a wide margin,
+    # so that a loaded CI machine does not make this flaky)
+    assert took < 10
     assert 'In-flight scrubs did not finish within 1 s' in svc.log()
 
 
@@ -601,14 +593,6 @@ def test_sighup_applies_a_new_scrub_time(world, services):
     assert row['image_id'] == waiting
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: Service.reload() (service.py) reads conf.scrub_time after '
-    'mutate_config_files() has taken the invalid value; the '
-    'ConfigFileValueError leaves cmd/listener.py _serve() without '
-    'server.stop(): the service exits 2 ("ERROR: Value for option '
-    'scrub_time ... is not valid") on a reload, with no graceful stop',
-)
 def test_sighup_with_an_invalid_value_keeps_the_service_running(
     world, services
 ):
@@ -701,16 +685,6 @@ def test_amqp_durable_queues_makes_the_pool_queue_durable(world, services):
     assert props['durable'], props
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: with [oslo_messaging_rabbit] rabbit_quorum_queue = True '
-    '(documented as supported in opts.py) oslo.messaging 18.3.1 declares '
-    'the pool queue as a non-durable quorum queue, RabbitMQ refuses it '
-    "(PRECONDITION_FAILED invalid property 'non-durable'), the "
-    "service's messaging-start thread (service.Service._start_messaging) "
-    'dies with the exception and the process stays up with no listener '
-    'and no RPC server, forever, instead of exiting non-zero',
-)
 def test_rabbit_quorum_queue_either_works_or_fails_loudly(world, services):
     sections = world.config()
     sections['oslo_messaging_rabbit'] = {'rabbit_quorum_queue': True}

@@ -470,17 +470,6 @@ def test_restore_while_the_glance_database_is_down(
         proxy.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: over RPC a Glance DB that cannot be reached is reported as '
-    'exit 1 "ERROR: the service failed: OperationalError: (pymysql.err.'
-    "OperationalError) (2013, 'Lost connection to MySQL server during "
-    'query\')" plus a second "(Background on this error at: '
-    'https://sqlalche.me/...)" line: rpc.ScrubListenerAPI.restore lets '
-    'the SQLAlchemy error cross as a RemoteError instead of raising '
-    'exceptions.DatabaseUnavailable (exit 3, as --direct reports the same '
-    'failure, see the table in exceptions.py)',
-)
 def test_restore_with_the_glance_database_down_exits_3(
     tmp_path, module_vhost, module_glance_mysql, services
 ):
