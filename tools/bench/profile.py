@@ -17,6 +17,7 @@ The report attributes each main-thread sample three ways:
 """
 
 import collections
+import gzip
 import re
 
 _FRAME = re.compile(r'^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$')
@@ -52,7 +53,8 @@ def parse_frame(text):
 def read_raw(path):
     """[(thread, [(file, function), ...], count)], root frame first."""
     samples = []
-    with open(path) as f:
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rt') as f:
         for line in f:
             line = line.rstrip('\n')
             if not line:
