@@ -92,19 +92,26 @@ def test_restore_brings_back_data_locations_properties_tags_members(env):
     assert env.image(image_id)['status'] == 'active'
 
 
-def test_restore_multi_location_keeps_earlier_removed_location_removed(env):
-    """Every location of the deletion comes back; one removed from the
-    live image an hour before the delete stays ``pending_delete``."""
+def test_restore_multi_location_keeps_earlier_removed_locations_removed(env):
+    """Every location of the deletion comes back.  Locations removed from
+    the live image before the delete stay as they are: one removed an hour
+    before and not scrubbed yet stays ``pending_delete``; one removed two
+    minutes before and already scrubbed stays ``deleted`` and does not
+    make the restore think the image's data is gone."""
     env.configure(scrub_time=3 * HOUR)
     data = os.urandom(2048)
-    paths = [os.path.join(env.store_dir, n) for n in ('a', 'b', 'removed')]
+    names = ('a', 'b', 'removed', 'scrubbed')
+    paths = [os.path.join(env.store_dir, n) for n in names]
     image_id = env.make_image(
         status='active',
         data=data,
         locations=[(env.write_file(p, data), {'store': 'fs'}) for p in paths],
     )
-    first, second, removed = env.locations(image_id)
+    first, second, removed, scrubbed = env.locations(image_id)
     env.remove_location(removed['id'], ago(HOUR))
+    env.remove_location(scrubbed['id'], ago(120))
+    env.update_location(scrubbed['id'], status='deleted', updated_at=ago(60))
+    os.unlink(paths[3])
     env.glance_delete(image_id, ago(10))
 
     result = assert_ok(env.restore(image_id))
@@ -116,8 +123,9 @@ def test_restore_multi_location_keeps_earlier_removed_location_removed(env):
         ('active', False),
         ('active', False),
         ('pending_delete', True),
+        ('deleted', True),
     ]
-    for path in paths:
+    for path in paths[:3]:
         assert _read(path) == data
 
 

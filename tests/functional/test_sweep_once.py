@@ -24,6 +24,7 @@ from tests.functional.conftest import SCRUB_LISTENER
 from tests.functional.conftest import ago
 from tests.functional.conftest import assert_ok
 from tests.functional.conftest import assert_summary
+from tests.functional.conftest import run_cli
 from tests.functional.conftest import summary
 from tools import harness
 
@@ -165,6 +166,63 @@ def test_single_store_configuration(sqlite_env):
     env.assert_scrubbed(image_id)
     assert os.path.exists(os.path.join(env.outside_dir, 'x'))
     assert env.image(refused)['status'] == 'pending_delete'
+
+
+@pytest.mark.parametrize(
+    'single_store', [False, True], ids=['multi-store', 'single-store']
+)
+def test_store_with_several_data_directories(sqlite_env, single_store):
+    """``filesystem_store_datadirs = DIR:PRIORITY`` (repeated), with a
+    space and a non-ASCII letter in one path: data in either directory is
+    scrubbed."""
+    env = sqlite_env
+    dirs = [
+        os.path.join(str(env.tmp), 'dirs', name)
+        for name in ('first', 'second é dir')
+    ]
+    images = {}
+    for directory in dirs:
+        path = os.path.join(directory, 'data')
+        url = env.write_file(path, b'x' * 10)
+        images[env.make_image(data=b'x' * 10, locations=[(url, {})])] = path
+    if single_store:
+        store = (
+            '[DEFAULT]\n[glance_store]\nstores = file\ndefault_store = file\n'
+        )
+    else:
+        store = (
+            '[DEFAULT]\nenabled_backends = fs:file\n'
+            '[glance_store]\ndefault_backend = fs\n[fs]\n'
+        )
+    conf = env.tmp / 'datadirs.conf'
+    conf.write_text(
+        f'{store}'
+        'filesystem_store_datadir =\n'
+        f'filesystem_store_datadirs = {dirs[0]}:100\n'
+        f'filesystem_store_datadirs = {dirs[1]}:200\n'
+        f'[database]\nconnection = {env.glance_url}\n'
+    )
+    local = harness.write_config(
+        str(env.tmp / 'local.conf'),
+        {'DEFAULT': {'state_path': env.state_path}},
+    )
+
+    result = assert_ok(
+        run_cli(
+            [
+                SCRUB_LISTENER,
+                '--config-file',
+                conf,
+                '--config-file',
+                local,
+                '--sweep-once',
+            ]
+        )
+    )
+
+    assert_summary(result, scrubbed=2, failed=0, bytes_freed=20)
+    for image_id, path in images.items():
+        env.assert_scrubbed(image_id, [path])
 
 
 def test_location_outside_store_dir_is_refused(env):
