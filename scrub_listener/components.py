@@ -70,7 +70,9 @@ def build(conf, with_stores=True):
     parts.executor = futurist.ThreadPoolExecutor(
         max_workers=conf.scrub_pool_size
     )
-    parts.scrubber = scrubber.Scrubber(gdb, parts.stores, parts.executor)
+    parts.scrubber = scrubber.Scrubber(
+        gdb, parts.stores, parts.executor, conf.scrubber.lease_time
+    )
     parts.drain = drain.Drain(
         due_queue,
         parts.scrubber,

@@ -64,7 +64,10 @@ class Drain:
         if not entries:
             return []
         try:
-            outcomes = self._scrubber.scrub([e.deletion for e in entries])
+            outcomes = self._scrubber.scrub(
+                [e.deletion for e in entries],
+                heartbeat=lambda: self._queue.renew(entries, self.owner),
+            )
         except Exception as exc:
             # Glance DB or store layer down: back the whole batch off
             # rather than sit on the leases until they expire.

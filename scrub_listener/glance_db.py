@@ -52,7 +52,6 @@ import json
 import logging
 import re
 import threading
-import time
 import uuid
 
 import sqlalchemy as sa
@@ -164,6 +163,10 @@ class Claim:
     # (location id, reason) of rows that cannot be read.
     errors: list = dataclasses.field(default_factory=list)
     size: int | None = None
+    # The claim's fencing token: the ``updated_at`` our ``scrubbing``
+    # rows carry.  Whole seconds, so it compares equal on every backend
+    # (MariaDB's DATETIME has no fraction).
+    stamp: datetime.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +176,8 @@ class RestoreResult:
     properties: int
     tags: int
     members: int
+    # the deletion that was undone
+    deleted_at: datetime.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +236,10 @@ def decrypt_location(key, ciphertext):
 def utcnow():
     """Naive UTC, like every timestamp Glance writes."""
     return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+
+
+def _stamp(when):
+    return when.replace(microsecond=0)
 
 
 class GlanceDB:
@@ -423,7 +432,7 @@ class GlanceDB:
         return db.with_deadlock_retry(lambda: self._claim(deletions, now))
 
     def _claim(self, deletions, now):
-        now = now or utcnow()
+        now = _stamp(now or utcnow())
         stale_before = now - self._lease
         with self.engine.begin() as conn:
             images = self._lock_images(conn, {d.image_id for d in deletions})
@@ -438,6 +447,8 @@ class GlanceDB:
                 for d in deletions
             ]
             self._mark_shared(conn, claims)
+            for claim in claims:
+                claim.stamp = now
             claimed = [loc.id for c in claims for loc in c.locations]
             if claimed:
                 conn.execute(
@@ -531,20 +542,45 @@ class GlanceDB:
                 for loc in claim.locations
             ]
 
-    def finish(self, done_ids, failed_ids, image_ids, now=None):
+    def renew(self, location_ids, stamp, now=None):
+        """Extend our claim on ``scrubbing`` rows; return the new stamp.
+
+        Called while a long batch is still deleting, so that its claim
+        never looks stale to another worker.  Rows whose stamp is no
+        longer ``stamp`` were taken over and stay with their new owner.
+        """
+        new = _stamp(now or utcnow())
+        if new == stamp or not location_ids:
+            return stamp
+        with self.engine.begin() as conn:
+            conn.execute(
+                LOCATIONS.update()
+                .where(
+                    LOCATIONS.c.id.in_(sorted(location_ids)),
+                    LOCATIONS.c.status == SCRUBBING,
+                    LOCATIONS.c.updated_at == stamp,
+                )
+                .values(updated_at=new)
+            )
+        return new
+
+    def finish(self, done_ids, failed_ids, image_ids, stamp, now=None):
         """Record the store's verdicts; one transaction.
 
         ``done_ids``: our ``scrubbing`` locations whose data is gone (or
         kept because shared) → ``deleted``.  ``failed_ids`` → back to
-        ``pending_delete`` for a later retry.  Each of ``image_ids`` still
+        ``pending_delete`` for a later retry.  Only rows still carrying
+        our claim's ``stamp`` move: a claim another worker took over
+        (after lease_time) is theirs to finish, never handed back by us
+        while they may be deleting.  Each of ``image_ids`` still
         ``pending_delete`` with no location left to scrub → ``deleted``.
         Returns the ids of the images marked ``deleted``.
         """
         return db.with_deadlock_retry(
-            lambda: self._finish(done_ids, failed_ids, image_ids, now)
+            lambda: self._finish(done_ids, failed_ids, image_ids, stamp, now)
         )
 
-    def _finish(self, done_ids, failed_ids, image_ids, now):
+    def _finish(self, done_ids, failed_ids, image_ids, stamp, now):
         now = now or utcnow()
         with self.engine.begin() as conn:
             self._lock_images(conn, image_ids)
@@ -555,6 +591,7 @@ class GlanceDB:
                         .where(
                             LOCATIONS.c.id.in_(sorted(ids)),
                             LOCATIONS.c.status == SCRUBBING,
+                            LOCATIONS.c.updated_at == stamp,
                         )
                         .values(
                             status=status or PENDING_DELETE, updated_at=now
@@ -676,10 +713,10 @@ class GlanceDB:
     def _rows_with_uris(self, conn, image_id, uris):
         """Other images' location rows with one of ``uris`` (plain read).
 
-        With encryption the same URL never encrypts the same way, so only the
-        rows in ``scrubbing`` (few: claims in flight) are decrypted and
-        compared; a claim racing us on a row still pending_delete is then
-        not seen (a known, narrow gap; see the README).
+        With encryption the same URL never encrypts the same way, so every
+        row a scrub could claim (``pending_delete``) or holds
+        (``scrubbing``) is decrypted and compared: slower, but a restore
+        is rare and must not race a claim still in flight.
         """
         query = sa.select(
             LOCATIONS.c.image_id, LOCATIONS.c.value, LOCATIONS.c.status
@@ -687,7 +724,9 @@ class GlanceDB:
         if self._key is None:
             query = query.where(LOCATIONS.c.value.in_(sorted(uris)))
         else:
-            query = query.where(LOCATIONS.c.status == SCRUBBING)
+            query = query.where(
+                LOCATIONS.c.status.in_([PENDING_DELETE, SCRUBBING])
+            )
         for row in conn.execute(query):
             try:
                 if self.location_uri(row.value) not in uris:
@@ -751,7 +790,9 @@ class GlanceDB:
             ).rowcount
             for table in CHILD_TABLES
         ]
-        return RestoreResult(image.id, len(location_ids), *counts)
+        return RestoreResult(
+            image.id, len(location_ids), *counts, deleted_at=image.deleted_at
+        )
 
 
 class _LiveUrlIndex:
@@ -765,23 +806,22 @@ class _LiveUrlIndex:
 
     Incremental by a watermark (highest id, newest ``updated_at``), but
     rows commit out of order: a row whose id is below one already seen may
-    commit later.  So each refresh re-reads everything newer than the
-    watermark we had REREAD_MARGIN seconds ago (longer than any glance-api
-    transaction), not the latest one; until the process is that old, a
-    refresh re-reads the whole table.
+    commit later, and ``updated_at`` is stamped before the commit.  So each
+    refresh re-reads the last ID_MARGIN ids and the rows updated within
+    TIME_MARGIN of the newest seen: far more than glance-api ever has in
+    flight at once, and cheap.
     """
 
-    REREAD_MARGIN = 120.0
+    ID_MARGIN = 1000
+    TIME_MARGIN = datetime.timedelta(seconds=120)
 
     def __init__(self, glance_db):
         self._db = glance_db
         self._lock = threading.Lock()
         self._url_by_id = {}
         self._ids_by_url = collections.defaultdict(set)
-        self._max_id = 0
+        self._max_id = None
         self._newest = None
-        # (monotonic time, max id, newest updated_at) after each refresh
-        self._watermarks = collections.deque()
 
     def shared(self, conn, uris):
         with self._lock:
@@ -799,15 +839,6 @@ class _LiveUrlIndex:
         ).all()
         return {self._decrypt(row.value) for row in rows} & uris
 
-    def _watermark(self):
-        """The newest watermark at least REREAD_MARGIN old, or None."""
-        horizon = time.monotonic() - self.REREAD_MARGIN
-        while len(self._watermarks) > 1 and self._watermarks[1][0] <= horizon:
-            self._watermarks.popleft()
-        if self._watermarks and self._watermarks[0][0] <= horizon:
-            return self._watermarks[0]
-        return None
-
     def _refresh(self, conn):
         query = sa.select(
             LOCATIONS.c.id,
@@ -815,18 +846,16 @@ class _LiveUrlIndex:
             LOCATIONS.c.deleted,
             LOCATIONS.c.updated_at,
         )
-        mark = self._watermark()
-        if mark is not None:
-            _, max_id, newest = mark
-            changed = LOCATIONS.c.id > max_id
-            if newest is not None:
-                skew = datetime.timedelta(seconds=self.REREAD_MARGIN)
+        if self._max_id is not None:
+            changed = LOCATIONS.c.id > self._max_id - self.ID_MARGIN
+            if self._newest is not None:
                 changed = sa.or_(
-                    changed, LOCATIONS.c.updated_at >= newest - skew
+                    changed,
+                    LOCATIONS.c.updated_at >= self._newest - self.TIME_MARGIN,
                 )
             query = query.where(changed)
         for row in conn.execute(query):
-            self._max_id = max(self._max_id, row.id)
+            self._max_id = max(self._max_id or 0, row.id)
             if row.updated_at and (
                 self._newest is None or row.updated_at > self._newest
             ):
@@ -836,7 +865,8 @@ class _LiveUrlIndex:
                 url = self._decrypt(row.value)
                 self._url_by_id[row.id] = url
                 self._ids_by_url[url].add(row.id)
-        self._watermarks.append((time.monotonic(), self._max_id, self._newest))
+        if self._max_id is None:
+            self._max_id = 0  # empty table: next time, only new rows
 
     def _forget(self, location_id):
         url = self._url_by_id.pop(location_id, None)

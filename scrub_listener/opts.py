@@ -113,10 +113,11 @@ scrubber_opts = [
         'lease_time',
         default=600,
         min=10,
-        help='Seconds a claim on a deletion is held. After that, a crashed '
-        "worker's claim (in the due-queue or on Glance location rows in "
-        'the "scrubbing" state) is taken over by another worker. Must be '
-        'longer than the slowest single store delete.',
+        help='Seconds a claim on a deletion is held. A running batch renews '
+        "its claims every lease_time / 3; a crashed worker's claims (in the "
+        'due-queue, and Glance location rows in the "scrubbing" state) are '
+        'taken over by another worker after lease_time. Must be longer '
+        'than the slowest single store delete.',
     ),
     cfg.IntOpt(
         'deletion_window',

@@ -20,8 +20,10 @@ so a stale or duplicated row can never delete data it should not.
 import dataclasses
 import datetime
 import random
+import time
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
@@ -95,8 +97,22 @@ class DueQueue:
         self.retry_backoff_max = retry_backoff_max
 
     def create_schema(self):
-        """Create the queue table if missing (it is ours, unlike Glance's)."""
-        _META.create_all(self.engine)
+        """Create the queue table if missing (it is ours, unlike Glance's).
+
+        Instances started together on a fresh shared database race here
+        (create_all looks, then creates): the losers see "already exists"
+        in one form or another, and the table being there is all we need.
+        """
+        for attempt in range(3):
+            try:
+                _META.create_all(self.engine)
+                return
+            except sa_exc.DatabaseError:
+                # Lost the race; look again (the winner may still be
+                # creating the index).  A real error repeats itself.
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
 
     # -- producers ---------------------------------------------------------
 
@@ -204,6 +220,18 @@ class DueQueue:
                 .order_by(ENTRIES.c.next_attempt_at, ENTRIES.c.id)
             ).all()
         return [_entry(row) for row in rows]
+
+    def renew(self, entries, owner, now=None):
+        """Extend our leases on ``entries`` (a batch still running)."""
+        now = now or glance_db.utcnow()
+        ids = sorted(e.id for e in entries)
+        self._write(
+            lambda conn: conn.execute(
+                ENTRIES.update()
+                .where(ENTRIES.c.id.in_(ids), ENTRIES.c.lease_owner == owner)
+                .values(lease_expires=now + self.lease)
+            )
+        )
 
     def complete(self, entries, owner):
         """Remove finished entries we still hold the lease of."""
@@ -338,13 +366,18 @@ class DueQueue:
             result.setdefault(row.image_id, []).append(_entry(row))
         return result
 
-    def forget_image(self, image_id):
-        """Drop the entries of an image (after a restore)."""
+    def forget_deletion(self, image_id, deleted_at):
+        """Drop the entry of one image deletion (it was restored).
+
+        Only that deletion's: a new deletion of the same image, queued
+        since, keeps its entry and its due time.
+        """
         self._write(
             lambda conn: conn.execute(
                 ENTRIES.delete().where(
                     ENTRIES.c.image_id == image_id,
                     ENTRIES.c.location_id == WHOLE_IMAGE,
+                    ENTRIES.c.deleted_at == deleted_at,
                 )
             )
         )

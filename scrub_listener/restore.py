@@ -37,7 +37,7 @@ class Restorer:
             result.members,
         )
         try:
-            self._queue.forget_image(result.image_id)
+            self._queue.forget_deletion(result.image_id, result.deleted_at)
         except sa_exc.SQLAlchemyError as exc:
             # Harmless: a leftover entry is dropped at claim time, since
             # the image is no longer pending_delete.

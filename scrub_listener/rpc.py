@@ -77,7 +77,10 @@ class ScrubListenerAPI:
                 f'database error during restore: '
                 f'{getattr(exc, "orig", None) or exc}'
             ) from exc
-        return dataclasses.asdict(result)
+        reply = dataclasses.asdict(result)
+        if result.deleted_at is not None:
+            reply['deleted_at'] = result.deleted_at.isoformat() + 'Z'
+        return reply
 
     @oslo_messaging.expose
     def status(self, ctxt):

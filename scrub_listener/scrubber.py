@@ -39,21 +39,28 @@ class Outcome:
 class Scrubber:
     """Scrubs deletions: Glance DB claim → store deletes → Glance DB finish."""
 
-    def __init__(self, glance_db, stores, executor):
+    def __init__(self, glance_db, stores, executor, lease_time=600):
         self._db = glance_db
         self._stores = stores
         self._executor = executor
+        # Renew claims well before they could look stale to others.
+        self._renew_every = lease_time / 3.0
 
-    def scrub(self, deletions):
-        """Scrub ``deletions``; return one Outcome per deletion, in order."""
+    def scrub(self, deletions, heartbeat=None):
+        """Scrub ``deletions``; return one Outcome per deletion, in order.
+
+        ``heartbeat()`` is called as often as the claims are renewed
+        (the drain renews its due-queue leases there).
+        """
         claims = self._db.claim(deletions)
         claimed = [loc for c in claims for loc in c.locations]
+        stamp = claims[0].stamp if claims else None
         try:
-            verdicts = self._delete_all(claimed)
+            verdicts, stamp = self._delete_all(claimed, stamp, heartbeat)
         except BaseException:
             # Hand our claims back rather than leave them "scrubbing"
             # until lease_time; a delete that did run is idempotent.
-            self._db.finish([], [loc.id for loc in claimed], set())
+            self._db.finish([], [loc.id for loc in claimed], set(), stamp)
             raise
         done_ids = [i for i, (ok, _, _) in verdicts.items() if ok]
         failed_ids = [i for i, (ok, _, _) in verdicts.items() if not ok]
@@ -65,17 +72,30 @@ class Scrubber:
         # If this raises (Glance DB lost), our locations stay "scrubbing"
         # and are taken over after lease_time; the data is gone already
         # or will be deleted again (idempotent).
-        closed = self._db.finish(done_ids, failed_ids, images)
+        closed = self._db.finish(done_ids, failed_ids, images, stamp)
         return [self._outcome(c, verdicts, closed) for c in claims]
 
-    def _delete_all(self, locations):
-        """{location id: (ok, freed bytes, reason)}, deleting in parallel."""
+    def _delete_all(self, locations, stamp, heartbeat):
+        """Delete in parallel; return ({location id: (ok, freed bytes,
+        reason)}, the claim's latest stamp).
+
+        A batch may take longer than lease_time (slow store, one thread):
+        while it runs, the claims are renewed so that no other worker
+        takes them over and deletes the same data again.
+        """
         futures = {
             self._executor.submit(self._delete_one, loc): loc
             for loc in locations
         }
-        waiters.wait_for_all(futures)
-        return {loc.id: fut.result() for fut, loc in futures.items()}
+        pending = set(futures)
+        while pending:
+            _, pending = waiters.wait_for_all(pending, self._renew_every)
+            if pending:
+                ids = [futures[f].id for f in pending]
+                stamp = self._db.renew(ids, stamp)
+                if heartbeat is not None:
+                    heartbeat()
+        return {loc.id: fut.result() for fut, loc in futures.items()}, stamp
 
     def _delete_one(self, location):
         if location.shared:

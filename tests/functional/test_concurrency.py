@@ -754,7 +754,7 @@ def test_restore_waits_for_a_claim_in_flight_then_refuses(cluster):
     assert isinstance(restore.error, exceptions.ScrubInProgress), restore.error
     # the scrubber goes on: delete, finish
     os.unlink(_path(claimed.locations[0].uri))
-    scrub_side.finish([claimed.locations[0].id], [], {image_id})
+    scrub_side.finish([claimed.locations[0].id], [], {image_id}, claimed.stamp)
     cluster.assert_final_state(originals, restored=set())
 
 
@@ -807,7 +807,9 @@ def test_restore_waits_for_a_failed_scrub_to_hand_back_then_succeeds(
     paused = Paused(scrub_side.engine, 'UPDATE image_locations')
 
     finish = Outcome(
-        lambda: scrub_side.finish([], [claimed.locations[0].id], {image_id})
+        lambda: scrub_side.finish(
+            [], [claimed.locations[0].id], {image_id}, claimed.stamp
+        )
     )
     assert paused.reached.wait(30)
     restore = Outcome(
@@ -906,7 +908,9 @@ def test_thread_storm_of_scrubs_and_restores(cluster):
                 for c in claims
                 if not (c.skip_reason or c.busy)
             }
-            worker.finish(done, [], images)
+            worker.finish(
+                done, [], images, claims[0].stamp if claims else None
+            )
 
     def restorer(seed):
         rng = random.Random(seed)
@@ -963,7 +967,12 @@ def test_old_owner_cannot_hand_back_a_claim_that_was_taken_over(cluster):
         loc.id for loc in old_claim.locations
     ]
     # the old owner's delete failed (store timeout): it hands back
-    old_owner.finish([], [loc.id for loc in old_claim.locations], {image_id})
+    old_owner.finish(
+        [],
+        [loc.id for loc in old_claim.locations],
+        {image_id},
+        old_claim.stamp,
+    )
     try:
         restore_side.restore(image_id, verify_files, WINDOW)
     except RESTORE_REFUSALS:
@@ -973,7 +982,12 @@ def test_old_owner_cannot_hand_back_a_claim_that_was_taken_over(cluster):
     # the new owner's delete goes through
     for location in new_claim.locations:
         FileStores().delete(location)
-    new_owner.finish([loc.id for loc in new_claim.locations], [], {image_id})
+    new_owner.finish(
+        [loc.id for loc in new_claim.locations],
+        [],
+        {image_id},
+        new_claim.stamp,
+    )
 
     cluster.assert_final_state(originals, restored=restored)
 
@@ -1000,13 +1014,13 @@ def test_restore_does_not_drop_the_entry_of_a_newer_deletion(cluster):
         """The image is deleted again (and its event queued) right
         between the restore's commit and its queue clean-up."""
 
-        def forget_image(self, forget_id):
+        def forget_deletion(self, forget_id, deleted_at):
             when = utcnow()
             cluster.glance_delete(image_id, when)
             new = cluster.deletion(image_id)
             new_time.append(new.deleted_at)
             due_queue.enqueue([(new, new.deleted_at + 60 * SECOND)])
-            due_queue.forget_image(forget_id)
+            due_queue.forget_deletion(forget_id, deleted_at)
 
     restorer = restore_mod.Restorer(
         gdb, FileStores(), DeletedAgainBeforeForget(), WINDOW
@@ -1040,7 +1054,7 @@ def test_restore_of_image_sharing_data_with_a_claimed_image(cluster):
         restored = True
     stores = FileStores()
     stores.delete(claimed.locations[0])
-    scrub_side.finish([claimed.locations[0].id], [], {a})
+    scrub_side.finish([claimed.locations[0].id], [], {a}, claimed.stamp)
 
     if restored:
         assert cluster.image(b).status == 'active'
@@ -1099,7 +1113,9 @@ def test_restore_racing_an_open_claim_of_an_image_sharing_its_data(
     for location in claimed.locations:
         if not location.shared:
             stores.delete(location)
-    scrub_side.finish([loc.id for loc in claimed.locations], [], {a})
+    scrub_side.finish(
+        [loc.id for loc in claimed.locations], [], {a}, claimed.stamp
+    )
     if restore.error is None:
         assert cluster.image(b).status == 'active'
         assert os.path.exists(shared_path), 'active image B lost its data'

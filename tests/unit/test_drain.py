@@ -23,7 +23,7 @@ class ScriptedScrubber:
         self.seen = []
         self.error = None
 
-    def scrub(self, deletions):
+    def scrub(self, deletions, heartbeat=None):
         self.seen.append(list(deletions))
         if self.error is not None:
             raise self.error

@@ -436,7 +436,7 @@ def test_claim_does_not_count_deleted_locations_as_sharing(glance, gdb):
 def test_finish_done_closes_the_image(glance, gdb):
     image = glance.make_image()
     [claim] = gdb.claim([glance.deletion(image)])
-    closed = gdb.finish([claim.locations[0].id], [], {image})
+    closed = gdb.finish([claim.locations[0].id], [], {image}, claim.stamp)
     assert closed == {image}
     assert glance.image(image).status == 'deleted'
     assert glance.image(image).deleted
@@ -451,7 +451,7 @@ def test_finish_failed_hands_location_back(glance, gdb):
     [claim] = gdb.claim([glance.deletion(image)])
     first = [loc.id for loc in claim.locations if loc.id != second][0]
 
-    closed = gdb.finish([first], [second], {image})
+    closed = gdb.finish([first], [second], {image}, claim.stamp)
 
     assert closed == set()
     assert glance.image(image).status == 'pending_delete'
@@ -466,23 +466,23 @@ def test_finish_leaves_image_open_while_a_location_is_claimed(glance, gdb):
     )
     [claim] = gdb.claim([glance.deletion(image)])
     first = [loc.id for loc in claim.locations if loc.id != second][0]
-    assert gdb.finish([first], [], {image}) == set()
+    assert gdb.finish([first], [], {image}, claim.stamp) == set()
     assert glance.image(image).status == 'pending_delete'
-    assert gdb.finish([second], [], {image}) == {image}
+    assert gdb.finish([second], [], {image}, claim.stamp) == {image}
 
 
 def test_finish_only_moves_scrubbing_rows(glance, gdb):
     image = glance.make_image()
     [row] = glance.locations(image)
     # not claimed: a stray finish must not mark it deleted
-    assert gdb.finish([row.id], [], set()) == set()
+    assert gdb.finish([row.id], [], set(), None) == set()
     assert glance.locations(image)[0].status == 'pending_delete'
 
 
 def test_finish_does_not_close_a_restored_image(glance, gdb):
     image = glance.make_image()
     gdb.restore(image, _verify_files, 60)
-    assert gdb.finish([], [], {image}) == set()
+    assert gdb.finish([], [], {image}, None) == set()
     assert glance.image(image).status == 'active'
 
 
@@ -504,7 +504,10 @@ def test_restore_brings_everything_of_the_deletion_back(glance, gdb):
 
     result = gdb.restore(image, _verify_files, 60)
 
-    assert result == glance_db.RestoreResult(image, 1, 2, 2, 1)
+    assert result == glance_db.RestoreResult(
+        image, 1, 2, 2, 1, deleted_at=result.deleted_at
+    )
+    assert result.deleted_at is not None  # which deletion was undone
     row = glance.image(image)
     assert (row.status, bool(row.deleted), row.deleted_at) == (
         'active',
@@ -590,7 +593,7 @@ def test_restore_refuses_partly_scrubbed_image(glance, gdb):
     )
     [claim] = gdb.claim([glance.deletion(image)])
     first = [loc.id for loc in claim.locations if loc.id != second][0]
-    gdb.finish([first], [second], {image})  # one gone, one failed
+    gdb.finish([first], [second], {image}, claim.stamp)  # one gone, one failed
     before = _snapshot(glance, image)
     with pytest.raises(exceptions.DataGone) as info:
         gdb.restore(image, _verify_files, 60)
@@ -636,7 +639,7 @@ def test_restore_ignores_location_scrubbed_before_the_image_was_deleted(
     # ... and scrubbed (scrub_time 0) before the image is deleted
     [claim] = gdb.claim([glance.location_deletion(moved)])
     os.unlink(path_of(claim.locations[0].uri))
-    gdb.finish([moved], [], set())
+    gdb.finish([moved], [], set(), claim.stamp)
     glance.glance_delete(image, glance_db.utcnow())
 
     result = gdb.restore(image, _verify_files, 60)

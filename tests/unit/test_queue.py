@@ -210,20 +210,20 @@ def test_next_wakeup(due_queue):
     )
 
 
-def test_forget_image_drops_image_deletions_only(due_queue):
+def test_forget_deletion_drops_that_image_deletion_only(due_queue):
     image_id = str(uuid.uuid4())
     whole = _deletion(ago(300), image_id=image_id)
     again = _deletion(ago(100), image_id=image_id)
     removed = _deletion(ago(300), location_id=3, image_id=image_id)
     other = _deletion()
     due_queue.enqueue([_due(d) for d in (whole, again, removed, other)])
-    due_queue.forget_image(image_id)
+    due_queue.forget_deletion(image_id, whole.deleted_at)
     left = {
         e.deletion
         for es in due_queue.entries_for({image_id, other.image_id}).values()
         for e in es
     }
-    assert left == {removed, other}
+    assert left == {again, removed, other}
 
 
 def test_stats(due_queue):

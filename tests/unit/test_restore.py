@@ -31,7 +31,7 @@ def test_missing_data_refuses(glance, gdb, due_queue, stores):
 
 def test_queue_trouble_after_the_restore_is_not_an_error(glance, gdb, stores):
     class BrokenQueue:
-        def forget_image(self, image_id):
+        def forget_deletion(self, image_id, deleted_at):
             raise sa_exc.OperationalError('DELETE', {}, Exception('down'))
 
     image = glance.make_image()
