@@ -91,8 +91,9 @@ class Scrubber:
         while pending:
             _, pending = waiters.wait_for_all(pending, self._renew_every)
             if pending:
-                ids = [futures[f].id for f in pending]
-                stamp = self._db.renew(ids, stamp)
+                # every row of the claim, done ones too: finish moves the
+                # rows that carry the latest stamp
+                stamp = self._db.renew([loc.id for loc in locations], stamp)
                 if heartbeat is not None:
                     heartbeat()
         return {loc.id: fut.result() for fut, loc in futures.items()}, stamp

@@ -942,16 +942,6 @@ def test_thread_storm_of_scrubs_and_restores(cluster):
     assert restored, 'no restore won: the race was not exercised'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: a claim taken over after lease_time is not fenced: the '
-    "old owner's finish() moves the row by status alone (scrubbing -> "
-    'pending_delete on a failed delete) although the new owner is still '
-    'deleting, a restore then revives the image, and the new owner '
-    'deletes its data.  The lease covers a whole batch (batch_size '
-    'deletes on scrub_pool_size threads), so a slow store overruns it '
-    'without any crash',
-)
 def test_old_owner_cannot_hand_back_a_claim_that_was_taken_over(cluster):
     originals = cluster.make_images(1)
     [image_id] = originals
@@ -992,13 +982,6 @@ def test_old_owner_cannot_hand_back_a_claim_that_was_taken_over(cluster):
     cluster.assert_final_state(originals, restored=restored)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG (minor): Restorer.restore drops *every* whole-image queue '
-    'entry of the image after its transaction, also the entry of a new '
-    'deletion that was queued in between; that deletion then waits for '
-    'the next sweep (wakeup_time) instead of its due time',
-)
 def test_restore_does_not_drop_the_entry_of_a_newer_deletion(cluster):
     from scrub_listener import restore as restore_mod
 
@@ -1070,20 +1053,6 @@ def test_restore_racing_an_open_claim_of_an_image_sharing_its_data(
     its transaction (rows locked, not yet ``scrubbing``) while B is
     restored: the restore must wait and refuse, or the claim must then
     see B live and keep the data -- never an active B without data."""
-    if key and cluster.backend != 'sqlite':
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason='BUG: with metadata_encryption_key, restore only '
-                "looks for other images' rows already 'scrubbing' "
-                '(GlanceDB._check_not_claimed_elsewhere); a claim in '
-                "flight still has A's row 'pending_delete' (its UPDATE "
-                'not run yet) and has already decided "not shared", so the '
-                'restore of B neither waits nor refuses, succeeds, and the '
-                "claim then deletes the data of the active B (the README's "
-                '"known, narrow gap"). SQLite (one writer) is safe',
-            )
-        )
     shared_path = os.path.join(cluster.store_dir, 'shared-data')
     data = os.urandom(512)
     with open(shared_path, 'wb') as f:
@@ -1597,19 +1566,6 @@ def test_sweep_once_killed_mid_drain_is_taken_over(cluster):
     cluster.assert_final_state(originals, restored=set())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a live worker's claim is taken over when its *batch* "
-    'outlasts lease_time: the lease (queue row and Glance "scrubbing" '
-    'rows) is taken once per batch and never renewed, so another '
-    'instance re-deletes the whole batch while the owner is still '
-    'working through it (double deletes; with a failed delete plus a '
-    'restore, see test_old_owner_cannot_hand_back_..., data loss). The '
-    'option help says lease_time must exceed "the slowest single store '
-    'delete", but it must exceed batch_size deletes / scrub_pool_size '
-    '(500 deletes on 1 thread by default; RBD deletes of big images take '
-    'seconds each)',
-)
 def test_slow_batch_of_a_live_worker_is_not_taken_over(cluster):
     if cluster.backend != 'postgresql':
         pytest.skip('one backend is enough for a 20 s test')
@@ -1697,20 +1653,6 @@ def test_instances_starting_together_create_the_queue_schema(cluster, request):
     """Several instances start at once on a fresh shared queue database
     (a deployment on three hosts): each creates the queue table if it is
     missing; none may fail."""
-    if cluster.backend != 'sqlite':
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason='BUG: DueQueue.create_schema (metadata.create_all: '
-                'look, then CREATE TABLE) races: the losers get '
-                'IntegrityError on PostgreSQL (pg_type_typname_nsp_index; '
-                'not handled by components._queue_engine nor '
-                'cmd.common.reports_errors, so scrub-listener dies with a '
-                'Python traceback) and "Table already exists" (1050) on '
-                'MariaDB (exit 3); instances started together on a fresh '
-                'shared queue database fail',
-            )
-        )
     for _ in range(5):
         url = cluster.queue_url(shared=True)
         engines = [cluster.product_engine(url) for _ in range(4)]
