@@ -241,6 +241,10 @@ def build_parser():
     )
     profile.add_argument('raw_file')
     profile.add_argument('--top', type=int, default=25)
+
+    from tools.bench import events
+
+    events.add_parser(sub)
     return parser
 
 
@@ -620,6 +624,12 @@ def cmd_profile(args):
     return 0
 
 
+def cmd_events(args):
+    from tools.bench import events
+
+    return events.main(args)
+
+
 def _sigterm(signum, frame):
     # Unwind like Ctrl-C, so the running child is killed and every
     # database of the run is dropped.
@@ -652,6 +662,7 @@ def _dispatch(args):
         'report': cmd_report,
         'micro': cmd_micro,
         'profile': cmd_profile,
+        'events': cmd_events,
     }[args.command]
     try:
         return handler(args)
