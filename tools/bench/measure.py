@@ -38,13 +38,13 @@ def process_cpu_seconds(pid):
 
 
 def kernel_threads_cpu_seconds():
-    """utime + stime of all kernel threads (children of kthreadd).
+    """{pid: utime + stime} of all kernel threads (children of kthreadd).
 
     Work the kernel does outside the process that caused it: writeback,
     the ext4 journal, discards of freed blocks (this machine mounts /
     with ``discard``), so a run's unlinks cost CPU here too.
     """
-    total = 0
+    cpu = {}
     for entry in os.listdir('/proc'):
         if not entry.isdigit():
             continue
@@ -54,8 +54,14 @@ def kernel_threads_cpu_seconds():
         except OSError:
             continue
         if fields[1] == '2':  # ppid: kthreadd
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICK
+            cpu[entry] = (int(fields[11]) + int(fields[12])) / _TICK
+    return cpu
+
+
+def _kernel_delta(before, after):
+    # Kernel workers come and go: count what each one that is there at
+    # the end did since the start (all of it if it is new).
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
 def find_pids(names):
@@ -190,7 +196,7 @@ def run_child(
                 timer.cancel()
         wall = time.perf_counter() - started
     busy = machine_busy_seconds() - busy_before
-    kernel_cpu = kernel_threads_cpu_seconds() - kernel_before
+    kernel_cpu = _kernel_delta(kernel_before, kernel_threads_cpu_seconds())
     db_cpu = None
     if db_pids:
         db_after = [process_cpu_seconds(p) for p in db_pids]
