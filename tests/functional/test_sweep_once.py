@@ -506,19 +506,13 @@ def test_location_claimed_by_another_worker_is_left_alone(env):
     assert os.path.exists(env.data_path(image_id))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: components._queue_engine / queue.DueQueue.create_schema '
-    'runs metadata.create_all (check, then CREATE) unguarded: when another '
-    'instance creates the queue table in between, the start crashes with '
-    'a traceback (IntegrityError / "already exists") instead of using it',
-)
 def test_first_start_of_two_instances_on_a_new_queue(sqlite_env):
     """Two instances (two hosts, or the service and a cron sweep-once)
     start for the first time on a new shared PostgreSQL due-queue.  Made
     deterministic: the other instance's CREATE TABLE is held open in a
     transaction until ours has checked for the table and blocks on it.
-    Ours must then use the table the other one made."""
+    Ours must then use the table the other one made.  (Found by this
+    test: the start crashed with a traceback on the duplicate table.)"""
     env = sqlite_env
     url = harness.create_empty_database('postgresql')
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
