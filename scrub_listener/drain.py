@@ -27,6 +27,8 @@ class DrainStats:
     skipped: int = 0
     busy: int = 0
     bytes_freed: int = 0
+    # queued deletions that failed before and wait for their backoff
+    waiting_retry: int = 0
 
     def add(self, outcome):
         if outcome.status == scrubber_mod.SCRUBBED:

@@ -45,6 +45,17 @@ def sweep_once(parts, out, progress_interval=PROGRESS_EVERY):
     print(
         f'Done: {_line(stats, time.monotonic() - start)}', file=out, flush=True
     )
+    # Failures of earlier passes wait for their backoff and were not
+    # retried now; a pass that says nothing of them would tell cron all
+    # is well.
+    stats.waiting_retry = parts.queue.stats(glance_db.utcnow())['failing']
+    if stats.waiting_retry:
+        print(
+            f'{stats.waiting_retry} deletion(s) failed earlier and wait for '
+            'their retry (scrub-listener-manage list shows why)',
+            file=out,
+            flush=True,
+        )
     return stats
 
 

@@ -12,6 +12,10 @@ import socket
 
 from oslo_config import cfg
 
+# Ten years: any time option beyond it is a typo, and would overflow
+# datetime arithmetic (an ERROR naming the option beats a traceback).
+MAX_SECONDS = 10 * 365 * 24 * 3600
+
 # Options glance-scrubber (glance 33.0.0) reads from [DEFAULT], same names,
 # same types, same defaults, so its config file is a drop-in.
 scrubber_compat_opts = [
@@ -19,6 +23,7 @@ scrubber_compat_opts = [
         'scrub_time',
         default=0,
         min=0,
+        max=MAX_SECONDS,
         mutable=True,
         help='Seconds an image stays in pending_delete before its data is '
         'scrubbed. The due time of a deletion is fixed when it is queued '
@@ -35,6 +40,7 @@ scrubber_compat_opts = [
         'wakeup_time',
         default=300,
         min=0,
+        max=MAX_SECONDS,
         help='Seconds between two sweeps of the Glance database for '
         'deletions the notifications missed.',
     ),
@@ -97,6 +103,7 @@ scrub_queue_opts = [
         'retry_backoff',
         default=30,
         min=1,
+        max=MAX_SECONDS,
         help='Seconds before the first retry of a failed deletion; doubles '
         'with every further failure.',
     ),
@@ -104,6 +111,7 @@ scrub_queue_opts = [
         'retry_backoff_max',
         default=3600,
         min=1,
+        max=MAX_SECONDS,
         help='Upper bound, in seconds, of the retry backoff.',
     ),
 ]
@@ -113,6 +121,7 @@ scrubber_opts = [
         'lease_time',
         default=600,
         min=10,
+        max=MAX_SECONDS,
         help='Seconds a claim on a deletion is held. A running batch renews '
         "its claims every lease_time / 3; a crashed worker's claims (in the "
         'due-queue, and Glance location rows in the "scrubbing" state) are '
@@ -123,6 +132,7 @@ scrubber_opts = [
         'deletion_window',
         default=60,
         min=0,
+        max=MAX_SECONDS,
         help='Rows of an image (locations, properties, tags, members) '
         'soft-deleted at most this many seconds before the image belong to '
         'its deletion: glance-api stamps each with its own time during one '
@@ -133,6 +143,7 @@ scrubber_opts = [
         'progress_interval',
         default=10,
         min=1,
+        max=MAX_SECONDS,
         help='Seconds between two progress lines of a long --sweep-once.',
     ),
 ]

@@ -33,6 +33,9 @@ def load_config(argv, prog, cli_opts=(), description=None):
     conf = cfg.CONF
     opts.register_opts(conf)
     logging.register_options(conf)
+    # Logs to stderr unless configured otherwise: stdout carries what the
+    # commands print (summaries, listings, JSON) for scripts to read.
+    conf.set_default('use_stderr', True)
     # glance_store's driver manager tries to import every store driver it
     # knows and stevedore logs an ERROR for each one whose library is not
     # installed (cinder without os-brick...).  A driver we are configured

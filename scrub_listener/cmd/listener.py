@@ -47,7 +47,7 @@ def _sweep_once(conf, parts):
     stats = oneshot.sweep_once(
         parts, sys.stdout, conf.scrubber.progress_interval
     )
-    return 1 if stats.failed else 0
+    return 1 if stats.failed or stats.waiting_retry else 0
 
 
 FATAL = 'fatal'

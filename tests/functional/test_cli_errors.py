@@ -78,13 +78,6 @@ def test_bad_config_value(sqlite_env, section, option, value, named):
     assert os.path.exists(env.data_path(image_id))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: scrub_time (IntOpt, min=0, no max) accepts values whose '
-    'timedelta overflows datetime: sweep.Sweeper.iter_due `now - delay` '
-    'raises OverflowError, uncaught by cmd.common.reports_errors: a '
-    'CRITICAL traceback and exit 1 (the "some scrubs failed" code)',
-)
 def test_scrub_time_too_large(sqlite_env):
     """A typo'd scrub_time (99999999999 s, 3,000 years) is a config error
     naming the option, not a crash."""
