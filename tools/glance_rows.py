@@ -217,3 +217,47 @@ def child_rows(engine, table_name, image_id):
         return conn.execute(
             sa.select(table).where(table.c.image_id == image_id)
         ).all()
+
+
+def glance_delete(engine, image_id, when):
+    """What glance-api 33 does to an image on DELETE with delayed_delete.
+
+    (Simplified to one timestamp: the real API stamps locations and
+    properties a few ms before the image, see glance_db._in_deletion.)
+    """
+    tables = _tables(engine)
+    soft_deleted = {'deleted': True, 'deleted_at': when, 'updated_at': when}
+    with engine.begin() as conn:
+        for name in ('image_locations', 'images'):
+            table = tables[name]
+            key = table.c.image_id if name == 'image_locations' else table.c.id
+            conn.execute(
+                table.update()
+                .where(key == image_id, table.c.deleted == sa.false())
+                .values(status='pending_delete', **soft_deleted)
+            )
+        for name in ('image_properties', 'image_tags', 'image_members'):
+            child = tables[name]
+            conn.execute(
+                child.update()
+                .where(
+                    child.c.image_id == image_id, child.c.deleted == sa.false()
+                )
+                .values(**soft_deleted)
+            )
+
+
+def remove_location(engine, location_id, when):
+    """What glance-api does to a location removed from a live image."""
+    table = _tables(engine)['image_locations']
+    with engine.begin() as conn:
+        conn.execute(
+            table.update()
+            .where(table.c.id == location_id)
+            .values(
+                status='pending_delete',
+                deleted=True,
+                deleted_at=when,
+                updated_at=when,
+            )
+        )

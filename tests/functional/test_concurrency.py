@@ -499,47 +499,11 @@ class Cluster:
 
     def glance_delete(self, image_id, when):
         """What glance-api 33 does on DELETE with delayed_delete."""
-        images = self.tables['images']
-        locations = self.tables['image_locations']
-        with self.engine.begin() as conn:
-            conn.execute(
-                locations.update()
-                .where(
-                    locations.c.image_id == image_id,
-                    locations.c.deleted == sa.false(),
-                )
-                .values(
-                    status='pending_delete',
-                    deleted=True,
-                    deleted_at=when,
-                    updated_at=when,
-                )
-            )
-            conn.execute(
-                images.update()
-                .where(images.c.id == image_id)
-                .values(
-                    status='pending_delete',
-                    deleted=True,
-                    deleted_at=when,
-                    updated_at=when,
-                )
-            )
+        glance_rows.glance_delete(self.engine, image_id, when)
 
     def remove_location(self, location_id, when):
         """What glance-api does to a location removed from a live image."""
-        locations = self.tables['image_locations']
-        with self.engine.begin() as conn:
-            conn.execute(
-                locations.update()
-                .where(locations.c.id == location_id)
-                .values(
-                    status='pending_delete',
-                    deleted=True,
-                    deleted_at=when,
-                    updated_at=when,
-                )
-            )
+        glance_rows.remove_location(self.engine, location_id, when)
 
     def rows(self, image_ids):
         """({id: image row}, {id: [location rows]}) in two queries."""

@@ -102,51 +102,11 @@ class Glance:
 
     def remove_location(self, location_id, when):
         """What glance-api does to a location removed from a live image."""
-        self.update(
-            'image_locations',
-            location_id,
-            status='pending_delete',
-            deleted=True,
-            deleted_at=when,
-            updated_at=when,
-        )
+        glance_rows.remove_location(self.engine, location_id, when)
 
     def glance_delete(self, image_id, when):
         """What glance-api 33 does on DELETE with delayed_delete."""
-        t = self.tables
-        with self.engine.begin() as conn:
-            loc = t['image_locations']
-            conn.execute(
-                loc.update()
-                .where(loc.c.image_id == image_id, loc.c.deleted == sa.false())
-                .values(
-                    status='pending_delete',
-                    deleted=True,
-                    deleted_at=when,
-                    updated_at=when,
-                )
-            )
-            img = t['images']
-            conn.execute(
-                img.update()
-                .where(img.c.id == image_id)
-                .values(
-                    status='pending_delete',
-                    deleted=True,
-                    deleted_at=when,
-                    updated_at=when,
-                )
-            )
-            for name in ('image_properties', 'image_tags', 'image_members'):
-                child = t[name]
-                conn.execute(
-                    child.update()
-                    .where(
-                        child.c.image_id == image_id,
-                        child.c.deleted == sa.false(),
-                    )
-                    .values(deleted=True, deleted_at=when, updated_at=when)
-                )
+        glance_rows.glance_delete(self.engine, image_id, when)
 
     def add_location(self, image_id, url, status='active', store_name='fs'):
         """Insert one more location row; returns its id."""
