@@ -498,7 +498,7 @@ def cmd_plot(args):
     for path in args.json_files:
         with open(path) as f:
             for entry in json.load(f):
-                rows.extend(entry['summary'])
+                rows.extend(runs_mod.summarize_entry(entry))
                 info = entry.get('machine', info)
     for path in plot.plot_rows(rows, args.out, info):
         print(f'plot written to {path}')
@@ -524,7 +524,7 @@ def markdown_tables(entries):
             'kernel threads CPU s | peak RSS MiB | SL vs GS |'
         )
         lines.append('|' + '---|' * 14)
-        for row in entry['summary']:
+        for row in runs_mod.summarize_entry(entry):
             cells = [
                 row['tool'],
                 f'{row["n"]:,}',
