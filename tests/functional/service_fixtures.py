@@ -555,16 +555,19 @@ def envelope(message):
 # why these flags: oslo.messaging declares the control exchange as a
 # non-durable, non-auto-delete topic exchange; another declaration would
 # fail with PRECONDITION_FAILED on whichever side comes second.
-def glance_exchange(name='glance'):
-    return kombu.Exchange(name, type='topic', durable=False, auto_delete=False)
+def glance_exchange(name='glance', durable=False):
+    return kombu.Exchange(
+        name, type='topic', durable=durable, auto_delete=False
+    )
 
 
 class GlancePublisher:
     """Publish to RabbitMQ exactly as glance-api's messagingv2 driver."""
 
-    def __init__(self, transport_url, exchange='glance'):
+    def __init__(self, transport_url, exchange='glance', durable=False):
+        # durable: as glance-api declares it with amqp_durable_queues
         self.connection = kombu.Connection(harness.amqp_url(transport_url))
-        self.exchange = glance_exchange(exchange)
+        self.exchange = glance_exchange(exchange, durable)
         self.producer = kombu.Producer(
             self.connection.channel(), exchange=self.exchange
         )
