@@ -40,8 +40,16 @@ A new deletion after a restore has a new ``deleted_at``, so a queue entry
 for the old deletion never scrubs the new one early.  A worker that
 crashes after claiming leaves ``scrubbing`` rows; after ``lease_time``
 they are stale and any worker may claim them again (store deletes are
-idempotent: NotFound means gone).  ``scrubbing`` is not a Glance status;
-Glance only ever reads non-deleted locations, so it never sees it.
+idempotent: NotFound means gone).  A claim is fenced by its stamp (the
+``updated_at`` it wrote, whole seconds): a live worker renews it every
+``lease_time / 3`` while its batch runs, and ``finish`` moves only rows
+still carrying its latest stamp, so a worker whose claim was taken over
+can never hand rows back to ``pending_delete`` (and to a restore) while
+the new owner deletes their data.  Two images may share one URL: a claim
+keeps data a live location still uses, and a restore locks the other
+images first and refuses while one of their rows is ``scrubbing``.
+``scrubbing`` is not a Glance status; Glance only ever reads non-deleted
+locations, so it never sees it.
 """
 
 import base64
