@@ -173,6 +173,13 @@ def add_arguments(parser):
         '1000:2000)',
     )
     parser.add_argument(
+        '--repeat',
+        type=int,
+        default=1,
+        help='ingest: repetitions of the whole sequence, every other one '
+        'in reverse order; medians are reported (default: %(default)s)',
+    )
+    parser.add_argument(
         '--no-reference',
         dest='reference',
         action='store_false',
@@ -1506,10 +1513,11 @@ def _ingest_reference(world, args, ids, kind, prefetch, batch):
 
 def scenario_ingest(args):
     n = args.n or DEFAULT_N['ingest']
-    result = {'scenario': 'ingest', 'n': n, 'runs': []}
+    result = {'scenario': 'ingest', 'n': n, 'repeat': args.repeat, 'runs': []}
     log(
         f'## ingest: {n:,} image.delete notifications from RabbitMQ into '
-        f'the committed due-queue ({args.queue_backend})'
+        f'the committed due-queue ({args.queue_backend}), '
+        f'{args.repeat} repetition(s)'
     )
     with World(args.queue_backend, args.keep_logs) as world:
         result['resources'] = world.created
@@ -1518,49 +1526,100 @@ def scenario_ingest(args):
         deleted_at = {i: row[2] for i, row in world.glance_rows().items()}
         world.broker.declare_pool_queue()
         log(f'  setup {time.monotonic() - started:.1f} s')
+        references = []
         if args.reference:
-            for kind, prefetch, batch in (
+            references = [
                 ('kombu', 0, None),
                 ('oslo-plain', 0, None),
                 ('oslo-batch', DEFAULT_PREFETCH, DEFAULT_BATCH),
-            ):
-                result['runs'].append(
-                    _ingest_reference(world, args, ids, kind, prefetch, batch)
-                )
-        configs = [(b, p, False) for b, p in args.configs]
+            ]
+        for rep in range(args.repeat):
+            steps = [('ref', *r) for r in references] + [
+                ('svc', b, p) for b, p in args.configs
+            ]
+            if rep % 2:
+                # why: drift (page cache, the shared machine's load) then
+                # hits every consumer alike
+                steps.reverse()
+            for step in steps:
+                if step[0] == 'ref':
+                    run = _ingest_reference(world, args, ids, *step[1:])
+                else:
+                    run = _ingest_service(
+                        world, args, ids, deleted_at, *step[1:], False
+                    )
+                run['rep'] = rep
+                result['runs'].append(run)
         if args.profile:
             # one more run of the first pair, under py-spy, not ranked
-            configs.append((*args.configs[0], True))
-        for batch, prefetch, profile in configs:
-            result['runs'].append(
-                _ingest_service(
-                    world, args, ids, deleted_at, batch, prefetch, profile
-                )
+            run = _ingest_service(
+                world, args, ids, deleted_at, *args.configs[0], True
+            )
+            run['rep'] = None
+            result['runs'].append(run)
+    result['verified'] = all(r['verified'] for r in result['runs'])
+    result['summary'] = _ingest_summary(result['runs'])
+    if args.repeat > 1:
+        log('  median [min..max] over the repetitions:')
+        for row in result['summary']:
+            log(
+                f'  {row["label"]:66} {_num(row["rate"][0]):>6}/s '
+                f'[{_num(row["rate"][1])}..{_num(row["rate"][2])}]'
             )
     mine = [
         r
-        for r in result['runs']
-        if r['consumer'] == 'scrub-listener'
-        and r['verified']
-        and r['rate']
-        and not r['profiled']
+        for r in result['summary']
+        if r['consumer'] == 'scrub-listener' and r['rate'][0]
     ]
-    result['verified'] = all(r['verified'] for r in result['runs'])
     if mine:
-        best = max(mine, key=lambda r: r['rate'])
+        best = max(mine, key=lambda r: r['rate'][0])
         default = next((r for r in mine if r['default']), None)
         result['best'] = {k: best[k] for k in ('batch_size', 'prefetch')}
-        result['best_rate'] = best['rate']
-        result['default_rate'] = default['rate'] if default else None
+        result['best_rate'] = best['rate'][0]
+        result['default_rate'] = default['rate'][0] if default else None
         result['target'] = TARGETS['ingest_per_s']
         log(
-            f'  => best {best["rate"]:.0f}/s (batch_size '
+            f'  => best {best["rate"][0]:.0f}/s (batch_size '
             f'{best["batch_size"]}, prefetch {best["prefetch"]}); default '
-            + (f'{default["rate"]:.0f}/s' if default else 'not run')
+            + (f'{default["rate"][0]:.0f}/s' if default else 'not run')
             + f'; target {TARGETS["ingest_per_s"]:,}/s: '
-            + _verdict(best['rate'] >= TARGETS['ingest_per_s'])
+            + _verdict(best['rate'][0] >= TARGETS['ingest_per_s'])
         )
     return result
+
+
+def _ingest_summary(runs):
+    """One row per consumer/config: median, min, max of the rates
+    (verified runs, profiled ones left out)."""
+    rows = {}
+    for run in runs:
+        if not run['verified'] or not run['rate'] or run.get('profiled'):
+            continue
+        row = rows.setdefault(
+            run['label'],
+            {
+                'label': run['label'],
+                'consumer': run['consumer'],
+                'batch_size': run.get('batch_size'),
+                'prefetch': run.get('prefetch'),
+                'default': run.get('default', False),
+                'rates': [],
+                'cpu': [],
+                'rss': [],
+            },
+        )
+        row['rates'].append(run['rate'])
+        row['cpu'].append(run.get('service_cpu_s', run.get('cpu_s')))
+        row['rss'].append(run.get('vmhwm_mib', run.get('maxrss_mib')))
+    out = []
+    for row in rows.values():
+        rates = row.pop('rates')
+        row['reps'] = len(rates)
+        row['rate'] = (statistics.median(rates), min(rates), max(rates))
+        row['cpu_s'] = statistics.median(row.pop('cpu'))
+        row['rss_mib'] = max(row.pop('rss'))
+        out.append(row)
+    return out
 
 
 def _verdict(met):
@@ -1693,6 +1752,7 @@ def scenario_latency(args):
             'achieved_rate': n / publish_s if publish_s else None,
             'vmhwm_mib': status.get('VmHWM', 0) / 1024,
             'profile': profile_path,
+            'profiled': bool(profile_path),
             'quiet': calm,
             **window,
             'problems': problems,
@@ -1714,7 +1774,10 @@ def scenario_latency(args):
         f'  published {n} deletions in {publish_s:.1f} s '
         f'({result["achieved_rate"]:.1f}/s)'
     )
-    log(f'  due -> gone: {fmt_dist(lat, "s", 3)}')
+    log(
+        f'  due -> gone: {fmt_dist(lat, "s", 3)}'
+        + (' (under py-spy)' if profile_path else '')
+    )
     log(
         '  (real delete -> gone: '
         f'{fmt_dist(result["gone_after_real_delete_s"], "s", 3)}; '
@@ -1787,6 +1850,49 @@ def _rss_backlog(world, config, name, n, problems):
         'rate_from_spawn': count / took if took else None,
         'rows': count,
     }, svc
+
+
+def _queue_ops(world, reps=20):
+    """Mean ms of DueQueue.next_wakeup / claim (nothing due) / enqueue of
+    100 new rows, with the product's own code, on the world's queue."""
+    from scrub_listener import db
+    from scrub_listener import glance_db
+    from scrub_listener import queue
+
+    url = world.queue_url or f'sqlite:///{world.sqlite_queue_path}'
+    engine = db.create_engine(url, 'bench')
+    try:
+        due_queue = queue.DueQueue(engine)
+        later = glance_db.utcnow() + datetime.timedelta(days=60)
+
+        def enqueue():
+            due_queue.enqueue(
+                [
+                    (glance_db.Deletion(str(uuid.uuid4()), None, later), later)
+                    for _ in range(100)
+                ]
+            )
+
+        out = {}
+        for name, func in (
+            ('next_wakeup', due_queue.next_wakeup),
+            ('claim_nothing_due', lambda: due_queue.claim('bench', 500)),
+            ('enqueue_100', enqueue),
+        ):
+            func()  # warm
+            started = time.perf_counter()
+            for _ in range(reps):
+                func()
+            out[name] = (time.perf_counter() - started) / reps * 1000
+        # leave the queue as the scenario expects it
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text('DELETE FROM scrub_queue WHERE due_at > :t'),
+                {'t': later - datetime.timedelta(seconds=1)},
+            )
+        return out
+    finally:
+        engine.dispose()
 
 
 def scenario_rss(args):
@@ -1864,6 +1970,10 @@ def scenario_rss(args):
                 'after the restart'
             )
 
+        # the due-queue operations the service runs per wake-up, on the
+        # real queue of n rows (service stopped: nothing else running)
+        phases['queue_ops_ms'] = _queue_ops(world)
+
         # 4. contrast: the same, with the prefetch bound taken away
         # (oslo.messaging's own default, rabbit_qos_prefetch_count = 0)
         if args.rss_contrast:
@@ -1903,6 +2013,7 @@ def scenario_rss(args):
         'consuming_backlog': f'consuming a {n:,}-message backlog',
         'after_backlog_n_queued': f'5 s later, {n:,} entries queued',
         'restart_n_queued': f'restarted with {n:,} entries queued',
+        'queue_ops_ms': 'due-queue ops on those rows, ms each',
         'contrast_prefetch_unlimited': 'same backlog, '
         'rabbit_qos_prefetch_count = 0 (unlimited)',
     }
@@ -2085,6 +2196,7 @@ def scenario_rpc(args):
             'repeat_restore_error_log_lines': expected_error_lines,
             'vmhwm_mib': status.get('VmHWM', 0) / 1024,
             'profile': profile_path,
+            'profiled': bool(profile_path),
             **window,
             'target': TARGETS['rpc_p50_ms'],
             'problems': problems,
@@ -2093,7 +2205,10 @@ def scenario_rpc(args):
     )
     log(f'  first call (reply queue set-up): {first_call * 1000:.1f} ms')
     log(f'  status() round trip:  {fmt_dist(result["status_ms"], "ms")}')
-    log(f'  restore() round trip: {fmt_dist(rt, "ms")}')
+    log(
+        f'  restore() round trip: {fmt_dist(rt, "ms")}'
+        + (' (under py-spy)' if profile_path else '')
+    )
     log(
         '  scrub-listener-manage restore (whole process, over RPC): '
         f'{fmt_dist(result["manage_rpc_s"], "s", 2)}'
@@ -2260,42 +2375,36 @@ def _md_result(result):
         return [f'**{name}**: {ok}: {result["error"]}']
     if name == 'ingest':
         lines = [
-            f'**ingest**, N = {result["n"]:,} ({ok})',
+            f'**ingest**, N = {result["n"]:,}, '
+            f'{result.get("repeat", 1)} repetition(s) ({ok})',
             '',
-            '| consumer | msgs/s | service CPU s | DB server CPU s | '
-            'others' + "'" + ' CPUs | peak RSS MiB | verified |',
-            '|---|---|---|---|---|---|---|',
+            '| consumer | msgs/s: median (min–max) | verified runs | CPU s '
+            '(median) | peak RSS MiB |',
+            '|---|---|---|---|---|',
         ]
-        for run in result['runs']:
-            if run['consumer'] == 'scrub-listener':
-                label = f'scrub-listener, batch_size {run["batch_size"]}, ' + (
-                    f'prefetch {run["prefetch"]}'
+        for row in result.get('summary', []):
+            if row['consumer'] == 'scrub-listener':
+                label = (
+                    f'scrub-listener, batch_size {row["batch_size"]}, '
+                    f'prefetch {row["prefetch"]}'
                 )
-                if run['default']:
+                if row['default']:
                     label += ' (default)'
-                if run['profiled']:
-                    label += ' (under py-spy)'
-                cells = [
-                    label,
-                    _num(run['rate']),
-                    _num(run['service_cpu_s'], '.1f'),
-                    _num(run['db_server_cpu_s'], '.1f'),
-                    _num(run['others_busy_cpus'], '.2f'),
-                    _num(run['vmhwm_mib'], '.1f'),
-                ]
+                cpu = f'{row["cpu_s"]:.1f} (service)'
             else:
-                cells = [
-                    run['label'],
-                    _num(run['rate']),
-                    _num(run['cpu_s'], '.1f') + ' (consumer)',
-                    '-',
-                    '-',
-                    _num(run['maxrss_mib'], '.1f'),
-                ]
-            cells.append(
-                'yes' if run['verified'] else '; '.join(run['problems'])
+                label = row['label']
+                cpu = f'{row["cpu_s"]:.1f} (whole consumer process)'
+            med, lo, hi = row['rate']
+            lines.append(
+                f'| {label} | {med:.0f} ({lo:.0f}–{hi:.0f}) | '
+                f'{row["reps"]} | {cpu} | {row["rss_mib"]:.1f} |'
             )
-            lines.append('| ' + ' | '.join(cells) + ' |')
+        failed = [r for r in result['runs'] if not r['verified']]
+        for run in failed:
+            lines.append(
+                f'| {run["label"]} | FAILED: {"; ".join(run["problems"])} '
+                '| | | |'
+            )
         if 'best_rate' in result:
             lines += [
                 '',
@@ -2316,7 +2425,9 @@ def _md_result(result):
             f'**latency**, {result["n"]} deletions at '
             f'{result["achieved_rate"]:.1f}/s, scrub_time '
             f'{result["scrub_time"]} s, scrub_pool_size {result["pool"]} '
-            f'({ok})',
+            f'({ok}'
+            + ('; under py-spy' if result.get('profiled') else '')
+            + ')',
             '',
             '| | p50 s | p90 s | p99 s | max s |',
             '|---|---|---|---|---|',
@@ -2381,6 +2492,15 @@ def _md_result(result):
                 f'{contrast["vmrss_sampled_max_mib"]:.1f} | '
                 f'{contrast["vmhwm_mib"]:.1f} |'
             )
+        ops = ph.get('queue_ops_ms')
+        if ops:
+            lines += [
+                '',
+                f'Due-queue operations on those {result["n"]:,} rows '
+                '(product code, service stopped), ms each: '
+                + ', '.join(f'`{k}` {v:.1f}' for k, v in ops.items()),
+                '',
+            ]
         return lines
     if name == 'rpc':
         s = _md_dist(result['status_ms'])
@@ -2388,7 +2508,9 @@ def _md_result(result):
         mr = _md_dist(result['manage_rpc_s'], '.2f')
         md = _md_dist(result['manage_direct_s'], '.2f')
         return [
-            f'**rpc**, {result["n"]} restores ({ok})',
+            f'**rpc**, {result["n"]} restores ({ok}'
+            + ('; restores under py-spy' if result.get('profiled') else '')
+            + ')',
             '',
             '| | p50 | p90 | p99 | max |',
             '|---|---|---|---|---|',
