@@ -34,10 +34,16 @@ class Components:
     sweeper: sweep.Sweeper | None = None
     restorer: restore.Restorer | None = None
 
-    def close(self, wait=True):
-        """Release pools and connections; idempotent."""
+    def close(self):
+        """Release pools and connections; idempotent.
+
+        The pool is not waited for: after a finished drain it is idle
+        (and futurist's idle workers would hold us up to a second each),
+        and after a shutdown that timed out, the deletes still running are
+        abandoned on purpose (their claims are taken over later).
+        """
         if self.executor is not None:
-            self.executor.shutdown(wait=wait)
+            self.executor.shutdown(wait=False)
             self.executor = None
         self.glance_db.engine.dispose()
         self.queue.engine.dispose()

@@ -12,8 +12,6 @@ from scrub_listener import components
 from scrub_listener import exceptions
 from scrub_listener import glance_db
 from scrub_listener import opts
-from scrub_listener import rpc
-from scrub_listener import service
 
 LOG = logging.getLogger(__name__)
 
@@ -86,6 +84,10 @@ def restore(conf, image_id, direct):
         finally:
             parts.close()
     else:
+        # imported here: only this path needs oslo.messaging
+        from scrub_listener import rpc
+        from scrub_listener import service
+
         service.set_messaging_defaults(conf)
         client = rpc.Client(conf)
         try:

@@ -7,7 +7,6 @@ import sys
 from scrub_listener import components
 from scrub_listener import oneshot
 from scrub_listener import opts
-from scrub_listener import service
 from scrub_listener.cmd import common
 
 
@@ -54,6 +53,9 @@ FATAL = 'fatal'
 
 
 def _serve(conf, parts):
+    # imported here: --sweep-once does not need oslo.messaging's start-up
+    from scrub_listener import service
+
     # Signal handlers and the service's fatal-error callback only post an
     # event (SimpleQueue.put is reentrant, safe in a handler); the work
     # happens in the main thread below.
@@ -66,10 +68,9 @@ def _serve(conf, parts):
     server.start()
     while (event := events.get()) == signal.SIGHUP:
         server.reload()
-    if not server.stop():
-        # graceful_shutdown_timeout is a bound: do not wait for the store
-        # deletes still running; their leases are taken over later.
-        parts.close(wait=False)
+    # graceful_shutdown_timeout bounds stop(); deletes still running
+    # then are abandoned by parts.close() (their leases are taken over).
+    server.stop()
     return 1 if event == FATAL else 0
 
 
