@@ -1279,19 +1279,32 @@ def _db_pids():
     return measure.find_pids({'mariadbd', 'mysqld', 'postgres'})
 
 
+def _broker_pids():
+    from tools.bench import measure
+
+    return measure.find_pids({'beam.smp'})
+
+
+def _cpu_sum(pids):
+    return sum(x for x in (process_cpu(p) for p in pids) if x is not None)
+
+
 class CpuWindow:
-    """CPU seconds of a process, the DB servers and the whole machine."""
+    """CPU seconds of a process (None: none), the DB servers, RabbitMQ,
+    and the whole machine; the rest (this bench's own polling, other
+    sessions on the shared machine) as ``others_busy_cpus``."""
 
     def __init__(self, pid):
         self.pid = pid
         self.db_pids = _db_pids()
+        self.broker_pids = _broker_pids()
 
     def _read(self):
-        db = [process_cpu(p) for p in self.db_pids]
         return (
             time.monotonic(),
-            process_cpu(self.pid) or 0.0,
-            sum(x for x in db if x is not None),
+            (process_cpu(self.pid) or 0.0) if self.pid else 0.0,
+            _cpu_sum(self.db_pids),
+            _cpu_sum(self.broker_pids),
             machine_busy(),
         )
 
@@ -1301,18 +1314,16 @@ class CpuWindow:
 
     def stop(self):
         after = self._read()
-        wall = after[0] - self.before[0]
+        wall = max(after[0] - self.before[0], 1e-9)
+        d = [a - b for a, b in zip(after, self.before, strict=True)]
         self.result = {
-            'wall_s': wall,
-            'service_cpu_s': after[1] - self.before[1],
-            'db_server_cpu_s': after[2] - self.before[2],
-            'machine_busy_cpus': (after[3] - self.before[3]) / wall
-            if wall
-            else 0.0,
+            'wall_s': d[0],
+            'service_cpu_s': d[1],
+            'db_server_cpu_s': d[2],
+            'broker_cpu_s': d[3],
+            'machine_busy_cpus': d[4] / wall,
         }
-        rest = self.result['machine_busy_cpus'] - (
-            self.result['service_cpu_s'] + self.result['db_server_cpu_s']
-        ) / max(wall, 1e-9)
+        rest = (d[4] - d[1] - d[2] - d[3]) / wall
         self.result['others_busy_cpus'] = max(0.0, rest)
         return self.result
 
@@ -1444,7 +1455,8 @@ def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
         f'from spawn {run["seconds_from_spawn"]:5.1f} s)  '
         f'VmHWM {run["vmhwm_mib"]:5.1f} MiB  service CPU '
         f'{window["service_cpu_s"]:5.1f} s  DB CPU '
-        f'{window["db_server_cpu_s"]:5.1f} s  others '
+        f'{window["db_server_cpu_s"]:5.1f} s  RabbitMQ CPU '
+        f'{window["broker_cpu_s"]:5.1f} s  others '
         f'{window["others_busy_cpus"]:.2f} CPUs  '
     )
     line += 'verified' if not problems else 'FAILED: ' + '; '.join(problems)
@@ -1461,9 +1473,9 @@ def _ingest_reference(world, args, ids, kind, prefetch, batch):
     n = len(ids)
     _, pub_s = world.broker.publish_all(_messages(ids))
     calm = quiet(args)
-    busy_before = machine_busy()
-    out = run_consumer(world, kind, n, prefetch, batch)
-    busy = machine_busy() - busy_before
+    with CpuWindow(None) as cpu:
+        out = run_consumer(world, kind, n, prefetch, batch)
+        window = cpu.stop()
     problems = []
     if out['count'] != n:
         problems.append(f'consumed {out["count"]} of {n}')
@@ -1497,15 +1509,19 @@ def _ingest_reference(world, args, ids, kind, prefetch, batch):
         'maxrss_mib': out['maxrss_kib'] / 1024,
         'publish_s': pub_s,
         'quiet': calm,
-        # the whole child process (start-up included), all the machine
-        'machine_busy_cpu_s': busy,
+        # over the whole child process, start-up included
+        'broker_cpu_s': window['broker_cpu_s'],
+        'db_server_cpu_s': window['db_server_cpu_s'],
+        'machine_busy_cpus': window['machine_busy_cpus'],
         'problems': problems,
         'verified': not problems,
     }
     log(
         f'  {label:58} '
         + (f'{rate:7.0f}/s' if rate else '      -  ')
-        + f'  CPU {out["cpu"]:5.1f} s  maxrss {run["maxrss_mib"]:5.1f} MiB  '
+        + f'  CPU {out["cpu"]:5.1f} s  RabbitMQ CPU '
+        f'{window["broker_cpu_s"]:5.1f} s  maxrss '
+        f'{run["maxrss_mib"]:5.1f} MiB  '
         + ('verified' if not problems else 'FAILED: ' + '; '.join(problems))
     )
     return run
@@ -1605,11 +1621,13 @@ def _ingest_summary(runs):
                 'default': run.get('default', False),
                 'rates': [],
                 'cpu': [],
+                'broker': [],
                 'rss': [],
             },
         )
         row['rates'].append(run['rate'])
         row['cpu'].append(run.get('service_cpu_s', run.get('cpu_s')))
+        row['broker'].append(run.get('broker_cpu_s'))
         row['rss'].append(run.get('vmhwm_mib', run.get('maxrss_mib')))
     out = []
     for row in rows.values():
@@ -1617,6 +1635,8 @@ def _ingest_summary(runs):
         row['reps'] = len(rates)
         row['rate'] = (statistics.median(rates), min(rates), max(rates))
         row['cpu_s'] = statistics.median(row.pop('cpu'))
+        broker = [b for b in row.pop('broker') if b is not None]
+        row['broker_cpu_s'] = statistics.median(broker) if broker else None
         row['rss_mib'] = max(row.pop('rss'))
         out.append(row)
     return out
@@ -2379,8 +2399,8 @@ def _md_result(result):
             f'{result.get("repeat", 1)} repetition(s) ({ok})',
             '',
             '| consumer | msgs/s: median (min–max) | verified runs | CPU s '
-            '(median) | peak RSS MiB |',
-            '|---|---|---|---|---|',
+            '(median) | RabbitMQ CPU s (median) | peak RSS MiB |',
+            '|---|---|---|---|---|---|',
         ]
         for row in result.get('summary', []):
             if row['consumer'] == 'scrub-listener':
@@ -2397,13 +2417,15 @@ def _md_result(result):
             med, lo, hi = row['rate']
             lines.append(
                 f'| {label} | {med:.0f} ({lo:.0f}–{hi:.0f}) | '
-                f'{row["reps"]} | {cpu} | {row["rss_mib"]:.1f} |'
+                f'{row["reps"]} | {cpu} | '
+                f'{_num(row.get("broker_cpu_s"), ".1f")} | '
+                f'{row["rss_mib"]:.1f} |'
             )
         failed = [r for r in result['runs'] if not r['verified']]
         for run in failed:
             lines.append(
                 f'| {run["label"]} | FAILED: {"; ".join(run["problems"])} '
-                '| | | |'
+                '| | | | |'
             )
         if 'best_rate' in result:
             lines += [
