@@ -180,6 +180,14 @@ def add_arguments(parser):
         'in reverse order; medians are reported (default: %(default)s)',
     )
     parser.add_argument(
+        '--prefill',
+        type=int,
+        default=0,
+        metavar='K',
+        help='ingest: K not-due entries already in the due-queue when the '
+        'service starts (a long scrub_time keeps many queued)',
+    )
+    parser.add_argument(
         '--no-reference',
         dest='reference',
         action='store_false',
@@ -1337,12 +1345,18 @@ def _messages(ids):
         yield glance_message(image_id)
 
 
-def _check_queue_rows(world, ids, scrub_time, deleted_at):
+def _check_queue_rows(world, ids, scrub_time, deleted_at, prefilled=0):
     """Problems with the due-queue rows of an ingest (empty: good)."""
     problems = []
     rows = world.queue_rows()
+    if len(rows) != len(ids) + prefilled:
+        problems.append(
+            f'{len(rows)} queue rows, want {len(ids)} + {prefilled} prefilled'
+        )
+    wanted = set(ids)
+    rows = [r for r in rows if r.image_id in wanted]
     got = [r.image_id for r in rows]
-    if len(got) != len(ids) or set(got) != set(ids):
+    if len(got) != len(ids) or set(got) != wanted:
         problems.append(
             f'{len(rows)} queue rows for {len(set(got) & set(ids))} of '
             f'{len(ids)} images ({len(set(got) - set(ids))} unknown)'
@@ -1366,10 +1380,39 @@ def _check_queue_rows(world, ids, scrub_time, deleted_at):
     return problems
 
 
+def _prefill(world, count):
+    """``count`` not-due entries (images unknown to Glance, due in 60
+    days) put in the due-queue with the product's own code."""
+    from scrub_listener import db
+    from scrub_listener import glance_db
+    from scrub_listener import queue
+
+    url = world.queue_url or f'sqlite:///{world.sqlite_queue_path}'
+    engine = db.create_engine(url, 'bench')
+    try:
+        due_queue = queue.DueQueue(engine)
+        due_queue.create_schema()
+        later = glance_db.utcnow() + datetime.timedelta(days=60)
+        for start in range(0, count, 5000):
+            due_queue.enqueue(
+                [
+                    (glance_db.Deletion(str(uuid.uuid4()), None, later), later)
+                    for _ in range(min(5000, count - start))
+                ]
+            )
+    finally:
+        engine.dispose()
+
+
 def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
     n = len(ids)
+    prefill = args.prefill
     label = f'service batch_size={batch} prefetch={prefetch}'
+    if prefill:
+        label += f' ({prefill:,} queued before)'
     world.reset_queue()
+    if prefill:
+        _prefill(world, prefill)
     _, pub_s = world.broker.publish_all(_messages(ids))
     name = f'ingest-b{batch}-p{prefetch}'
     config = world.config(
@@ -1389,7 +1432,7 @@ def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
     with cpu:
         while True:
             now = time.time()
-            count = world.queue_count()
+            count = world.queue_count() - prefill
             samples.append((now, count))
             if started_line is None and STARTED in svc.log():
                 started_line = now
@@ -1414,7 +1457,7 @@ def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
     if depth:
         problems.append(f'{depth} messages left in the broker queue')
         world.broker.purge()
-    problems += _check_queue_rows(world, ids, NEVER, deleted_at)
+    problems += _check_queue_rows(world, ids, NEVER, deleted_at, prefill)
     problems += [f'log: {line}' for line in svc.problems_in_log()[:3]]
     done_at = samples[-1][0]
     first = next(((t, c) for t, c in samples if c > 0), None)
@@ -1427,6 +1470,7 @@ def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
         'batch_size': batch,
         'prefetch': prefetch,
         'default': (batch, prefetch) == (DEFAULT_BATCH, DEFAULT_PREFETCH),
+        'prefilled': prefill,
         'n': n,
         'rate': rate,
         'rate_from_start_line': n / (done_at - started_line)
@@ -1619,6 +1663,7 @@ def _ingest_summary(runs):
                 'batch_size': run.get('batch_size'),
                 'prefetch': run.get('prefetch'),
                 'default': run.get('default', False),
+                'prefilled': run.get('prefilled', 0),
                 'rates': [],
                 'cpu': [],
                 'broker': [],
@@ -2408,6 +2453,8 @@ def _md_result(result):
                     f'scrub-listener, batch_size {row["batch_size"]}, '
                     f'prefetch {row["prefetch"]}'
                 )
+                if row.get('prefilled'):
+                    label += f', {row["prefilled"]:,} queued before'
                 if row['default']:
                     label += ' (default)'
                 cpu = f'{row["cpu_s"]:.1f} (service)'
