@@ -71,6 +71,7 @@ Exit status 0 only when every run was verified.
 import argparse
 import contextlib
 import datetime
+import gzip
 import json
 import os
 import re
@@ -951,7 +952,8 @@ def profile_summary(path, top=12):
         return ['(no profile recorded)']
     by_thread, by_ours, by_leaf = {}, {}, {}
     total = 0
-    with open(path) as f:
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rt') as f:
         for line in f:
             stack, _, count = line.rstrip('\n').rpartition(' ')
             if not stack or not count.isdigit():
