@@ -56,6 +56,7 @@ ENTRIES = sa.Table(
         'image_id', 'location_id', 'deleted_at', name='uniq_deletion'
     ),
     sa.Index('ix_scrub_queue_next_attempt_at', 'next_attempt_at'),
+    sa.Index('ix_scrub_queue_lease_due', 'lease_expires', 'next_attempt_at'),
 )
 
 
@@ -306,21 +307,22 @@ class DueQueue:
     # -- looking -----------------------------------------------------------
 
     def next_wakeup(self):
-        """When the earliest entry becomes claimable, or None if empty."""
+        """When the earliest entry becomes claimable, or None if empty.
+
+        Called after every committed notification batch, so it must not
+        scan the table: two MIN()s that the (lease_expires,
+        next_attempt_at) index answers from its ends.
+        """
+        free = sa.select(sa.func.min(ENTRIES.c.next_attempt_at)).where(
+            ENTRIES.c.lease_expires.is_(None)
+        )
+        leased = sa.select(sa.func.min(ENTRIES.c.lease_expires)).where(
+            ENTRIES.c.lease_expires.is_not(None)
+        )
         with self.engine.connect() as conn:
-            return conn.execute(
-                sa.select(
-                    sa.func.min(
-                        sa.case(
-                            (
-                                ENTRIES.c.lease_expires.is_not(None),
-                                ENTRIES.c.lease_expires,
-                            ),
-                            else_=ENTRIES.c.next_attempt_at,
-                        )
-                    )
-                )
-            ).scalar()
+            times = [conn.execute(q).scalar() for q in (free, leased)]
+        times = [t for t in times if t is not None]
+        return min(times) if times else None
 
     def stats(self, now):
         """Counts for status(): queued, due, in progress, failed."""

@@ -49,7 +49,11 @@ class ScrubListenerAPI:
         self._restorer = restorer
         self._status = status_func
 
+    # expected_exceptions: a refused restore is an answer, not a server
+    # error; oslo.messaging then logs it at DEBUG, not as an ERROR with a
+    # traceback, and still sends the typed error to the caller.
     @oslo_messaging.expose
+    @oslo_messaging.expected_exceptions(exceptions.ScrubListenerError)
     def restore(self, ctxt, image_id):
         who = _caller(ctxt)
         roles = ctxt.get('roles') or []

@@ -42,6 +42,9 @@ def load_config(argv, prog, cli_opts=(), description=None):
         default_log_levels=[
             *logging.get_default_log_levels(),
             'stevedore.extension=CRITICAL',
+            # oslo.messaging imports oslo.service, which announces its
+            # eventlet backend at INFO; we never use it
+            'oslo_service.backend=WARN',
         ]
     )
     conf.register_cli_opts(list(cli_opts))
