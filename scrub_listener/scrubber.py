@@ -91,12 +91,24 @@ class Scrubber:
         while pending:
             _, pending = waiters.wait_for_all(pending, self._renew_every)
             if pending:
-                # every row of the claim, done ones too: finish moves the
-                # rows that carry the latest stamp
-                stamp = self._db.renew([loc.id for loc in locations], stamp)
-                if heartbeat is not None:
-                    heartbeat()
+                stamp = self._renew(locations, stamp, heartbeat)
         return {loc.id: fut.result() for fut, loc in futures.items()}, stamp
+
+    def _renew(self, locations, stamp, heartbeat):
+        # Every row of the claim, done ones too: finish moves the rows
+        # that carry the latest stamp.  A renewal that fails (database
+        # blip) must not end the wait: our caller would then hand the
+        # rows back to pending_delete (and to a restore) while deletes
+        # are still running.  Keep waiting; at worst the claim goes stale
+        # and is taken over (deletes are idempotent, and the stamp fences
+        # our finish off those rows).
+        try:
+            stamp = self._db.renew([loc.id for loc in locations], stamp)
+            if heartbeat is not None:
+                heartbeat()
+        except Exception:
+            LOG.exception('Could not renew the claims of a running batch')
+        return stamp
 
     def _delete_one(self, location):
         if location.shared:

@@ -1,6 +1,7 @@
 """scrub_listener.scrubber.Scrubber: real Glance rows, a fake store."""
 
 import os
+import time
 
 import futurist
 import pytest
@@ -189,3 +190,35 @@ def test_unexpected_error_hands_claims_back(glance, gdb, stores):
     assert set(_statuses(glance, image).values()) == {'pending_delete'}
     gdb.restore(image, lambda locations: None, 60)
     assert glance.image(image).status == 'active'
+
+
+def test_failed_claim_renewal_does_not_hand_back_running_deletes(
+    glance, gdb, stores, executor, monkeypatch
+):
+    """A batch outlasting the renewal period whose renewal fails (DB blip)
+    still waits for its deletes and then records them: the rows are never
+    handed back to pending_delete while a delete may be running."""
+    image = glance.make_image()
+    started = []
+
+    def broken_renew(location_ids, stamp, now=None):
+        started.append(location_ids)
+        raise RuntimeError('database went away')
+
+    monkeypatch.setattr(gdb, 'renew', broken_renew)
+    slow = stores.delete
+
+    def slow_delete(location):
+        time.sleep(0.3)
+        return slow(location)
+
+    monkeypatch.setattr(stores, 'delete', slow_delete)
+    # lease_time 0.3 s: a renewal every 0.1 s while the delete runs
+    scrub = scrubber.Scrubber(gdb, stores, executor, lease_time=0.3)
+
+    [outcome] = scrub.scrub([glance.deletion(image)])
+
+    assert started, 'the batch was meant to try a renewal'
+    assert outcome.status == scrubber.SCRUBBED
+    assert glance.image(image).status == 'deleted'
+    assert not os.path.exists(glance.path(image))
