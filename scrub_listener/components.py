@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import uuid
 
 import futurist
 import sqlalchemy as sa
@@ -15,6 +13,7 @@ from scrub_listener import db
 from scrub_listener import drain
 from scrub_listener import exceptions
 from scrub_listener import glance_db
+from scrub_listener import holders
 from scrub_listener import queue
 from scrub_listener import restore
 from scrub_listener import scrubber
@@ -49,17 +48,15 @@ class Components:
         self.queue.engine.dispose()
 
 
-def worker_id():
-    """Lease owner name: unique per process, readable in listings."""
-    return f'{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}'
-
-
 def build(conf, with_stores=True):
     """Validate the configuration and build everything that is needed."""
+    process = holders.this_process(conf.host)
     gdb = glance_db.GlanceDB(
         _glance_engine(conf),
         encryption_key=conf.metadata_encryption_key,
         lease_time=conf.scrubber.lease_time,
+        data_key=getattr(store, 'data_key', None),
+        process=process,
     )
     due_queue = queue.DueQueue(
         _queue_engine(conf),
@@ -79,10 +76,12 @@ def build(conf, with_stores=True):
     parts.scrubber = scrubber.Scrubber(
         gdb, parts.stores, parts.executor, conf.scrubber.lease_time
     )
+    # A restart after SIGKILL: our dead predecessor's leases are free now.
+    due_queue.release_dead_leases(process.lease_owner_is_dead)
     parts.drain = drain.Drain(
         due_queue,
         parts.scrubber,
-        worker_id(),
+        process.lease_owner,
         conf.scrub_queue.batch_size,
         conf.scrub_time,
     )

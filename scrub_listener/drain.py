@@ -15,7 +15,8 @@ from scrub_listener import scrubber as scrubber_mod
 
 LOG = logging.getLogger(__name__)
 
-# A deletion another worker holds is looked at again this much later.
+# A deletion another worker holds is looked at again when that worker's
+# lease runs out (its claim is then stale), and never sooner than this.
 BUSY_DELAY = datetime.timedelta(seconds=5)
 
 
@@ -82,13 +83,14 @@ class Drain:
         return outcomes
 
     def _settle(self, entries, outcomes):
-        done, failures, busy, renewed = [], [], [], []
+        done, failures, busy, renewed = [], [], {}, []
+        now = glance_db.utcnow()
         for entry, outcome in zip(entries, outcomes, strict=True):
             self._log(outcome)
             if outcome.status == scrubber_mod.FAILED:
                 failures.append((entry, outcome.reason))
             elif outcome.status == scrubber_mod.BUSY:
-                busy.append(entry)
+                busy.setdefault(_look_again_at(outcome, now), []).append(entry)
             else:
                 done.append(entry)
             if outcome.superseded_by is not None:
@@ -101,7 +103,8 @@ class Drain:
                 renewed.append((new, outcome.superseded_by + delay))
         self._queue.enqueue(renewed)
         self._queue.retry_later(failures, self.owner)
-        self._queue.release(busy, self.owner, glance_db.utcnow() + BUSY_DELAY)
+        for at, group in sorted(busy.items()):
+            self._queue.release(group, self.owner, at)
         self._queue.complete(done, self.owner)
 
     @staticmethod
@@ -119,6 +122,10 @@ class Drain:
             )
         elif outcome.status == scrubber_mod.FAILED:
             LOG.warning('Failed to scrub image %s: %s', what, outcome.reason)
+        elif outcome.status == scrubber_mod.BUSY:
+            # Normal while another worker runs it; looked at again only
+            # when that worker's lease runs out, so this stays quiet.
+            LOG.debug('Image %s is being scrubbed by another worker', what)
         else:
             LOG.info(
                 'Not scrubbing image %s (%s): %s',
@@ -126,3 +133,15 @@ class Drain:
                 outcome.status,
                 outcome.reason,
             )
+
+
+def _look_again_at(outcome, now):
+    """When to look at a deletion another worker holds again."""
+    at = now + BUSY_DELAY
+    if outcome.busy_until is not None:
+        # A second past the lease, whole seconds so that a batch's busy
+        # entries share a few release statements.
+        at = max(at, outcome.busy_until + datetime.timedelta(seconds=1))
+    if at.microsecond:  # rounded up: never sooner than BUSY_DELAY
+        at = at.replace(microsecond=0) + datetime.timedelta(seconds=1)
+    return at

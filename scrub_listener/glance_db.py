@@ -13,52 +13,89 @@ Claim protocol (who may delete data, who may restore)
 ------------------------------------------------------
 The Glance database is the one thing every party shares: glance-api, every
 scrub-listener on every host, and whoever restores.  So the decision
-"this image's data is being scrubbed" versus "this image is being restored"
-is settled here, by row locks, in one transaction each:
+"this data is being scrubbed" versus "this image is being restored" is
+settled here, by row locks, in one transaction each.  docs/safety.md
+says the same for operators; tests/model/protocol.py is its model,
+explored exhaustively by tests/unit/test_protocol_model.py.
 
-* **claim** (scrubber): lock the image rows (``SELECT ... FOR UPDATE`` in
-  id order), re-check each image is still ``pending_delete`` *for the same
-  deletion* (same ``deleted_at``), lock its locations, and move the
-  ``pending_delete`` ones to ``scrubbing``.  Commit.  Only then is data
-  deleted from the store, outside any transaction.
-* **finish** (scrubber): lock the same image rows, move our ``scrubbing``
-  locations to ``deleted`` (or back to ``pending_delete`` when the store
-  failed), and the image to ``deleted`` when none of its locations is
-  left ``pending_delete``/``scrubbing``.
-* **restore**: lock the image row, refuse unless it is ``pending_delete``
-  and every location of that deletion is still ``pending_delete`` (none
-  ``scrubbing``, none ``deleted``), check the data is in the store, then
-  flip image, locations, properties, tags and members back.  Commit.
+**The invariant.**  No image is ever ``active`` (or revived) while any of
+its data may be deleted, is being deleted, or is partly gone; no data is
+deleted that a live location points at.  It must hold whatever the
+timing: a worker may pause for any time at any step (GC, SIGSTOP, a hung
+NFS or Ceph call, a partition) or run with a skewed clock, and its store
+delete in flight may complete at any later moment.  So no rule below
+depends on a lease having really expired.
 
-Interleavings: claim and restore both lock the image row first, so one
-waits for the other.  Restore first: the image is ``active`` when the
-claim re-checks it, nothing is claimed (this is also how a late
-``image.delete`` event for a restored image is dropped).  Claim first: the
-locations are ``scrubbing``, restore refuses with ScrubInProgress and the
-data is deleted; it is never revived while a delete may be in flight.
-A new deletion after a restore has a new ``deleted_at``, so a queue entry
-for the old deletion never scrubs the new one early.  A worker that
-crashes after claiming leaves ``scrubbing`` rows; after ``lease_time``
-they are stale and any worker may claim them again (store deletes are
-idempotent: NotFound means gone).  A claim is fenced by its stamp (the
-``updated_at`` it wrote, whole seconds): a live worker renews it every
-``lease_time / 3`` while its batch runs, and ``finish`` moves only rows
-still carrying its latest stamp, so a worker whose claim was taken over
-can never hand rows back to ``pending_delete`` (and to a restore) while
-the new owner deletes their data.  Two images may share one URL: a claim
-keeps data a live location still uses, and a restore locks the other
-images first and refuses while one of their rows is ``scrubbing``.
-``scrubbing`` is not a Glance status; Glance only ever reads non-deleted
-locations, so it never sees it.
+**States of a location row** (``image_locations.status``, deleted rows
+only: Glance never reads those, so the extra states are invisible to it):
+
+* ``pending_delete`` — no store delete of this data is running or can
+  still start from an earlier claim.  Revivable (after the data is
+  verified).  Glance's DELETE puts rows here.
+* ``scrubbing:<token>`` — claimed by one claim (the token is unique per
+  claim and names its process, :mod:`scrub_listener.holders`); a delete
+  may be in flight.  ``updated_at`` is the lease heartbeat.  Never
+  revivable.
+* ``scrub_interrupted`` — a delete of this data may have started and
+  nobody knows if it ended (the claim was taken over, or cut short by
+  Ctrl-C or a stop).  Never revivable: the data may be partly gone, or go
+  later.  Claimable again at once.
+* ``deleted`` — the data is gone (or it was kept because a live location
+  uses it).  Final.
+
+**Transitions**, each in one transaction that first locks the image rows
+(``SELECT ... FOR UPDATE`` in id order; on SQLite ``BEGIN IMMEDIATE``):
+
+* **claim** (scrubber, token t): re-check the image is still
+  ``pending_delete`` for the same deletion (``deleted_at`` identifies a
+  deletion); then per row: ``pending_delete`` → ``scrubbing:t`` (a *clean*
+  claim); ``scrub_interrupted`` → ``scrubbing:t`` (unclean); a
+  ``scrubbing`` row whose lease is stale or whose holder is a dead process
+  of this host → ``scrubbing:t`` (a takeover: unclean); a live
+  ``scrubbing`` row makes the deletion *busy*.  Rows whose data a live
+  location names are claimed *shared*: marked deleted, never deleted.
+* **renew** (t): re-stamp the rows still ``scrubbing:t``; the worker
+  learns exactly which rows are still its own.
+* **finish** (t): only rows still ``scrubbing:t`` move.  Delete returned
+  ok (or shared) → ``deleted``.  Delete returned an error, or never
+  started → ``pending_delete`` if the claim was clean, else
+  ``scrub_interrupted``.  Delete started and not returned (interrupted)
+  → ``scrub_interrupted``.  The image → ``deleted`` once none of its rows
+  is ``pending_delete``/``scrubbing``/``scrub_interrupted``.
+* **restore**: refuse unless the image is ``pending_delete`` and every
+  location row of that deletion is ``pending_delete`` (``scrubbing`` →
+  ScrubInProgress; ``scrub_interrupted`` or ``deleted`` → DataGone), and
+  no other image's row naming the same data is ``scrubbing`` or
+  ``scrub_interrupted``; verify the data is in the store; then revive
+  the image, the locations, and the properties, tags and members of
+  that deletion.
+
+**Why it holds.**  ``pending_delete`` means "no delete can be running":
+Glance puts rows there before any claim, and finish puts a row back only
+when the claim was clean (it came from ``pending_delete``, so no earlier
+delete can be running) and the worker's own delete has returned, or never
+started — and the token proves nobody took the row over meanwhile.  Every
+other way out of ``scrubbing`` leads to ``deleted`` or
+``scrub_interrupted``, which restore refuses.  So a takeover, however
+early (a skewed clock, a paused worker), can make two workers delete the
+same data (idempotent) but never revive data one of them may still
+delete.  Claim and restore lock the same image rows, so one sees the
+other's commit: restore first, the claim finds the image ``active`` and
+claims nothing (also how a late ``image.delete`` event is dropped); claim
+first, restore refuses.  Two images may name the same data: a claim
+keeps data that a live location names, comparing what the store would
+touch (``data_key``, not URL strings), and a restore locks the other
+images first and refuses while one of their rows may be deleting it.
 """
 
 import base64
-import collections
 import dataclasses
 import datetime
+import enum
 import json
 import logging
 import re
+import socket
 import threading
 import uuid
 
@@ -69,13 +106,68 @@ from cryptography.hazmat.primitives.ciphers import modes
 
 from scrub_listener import db
 from scrub_listener import exceptions
+from scrub_listener import holders
 
 LOG = logging.getLogger(__name__)
 
 PENDING_DELETE = 'pending_delete'
-SCRUBBING = 'scrubbing'
+SCRUBBING = 'scrubbing'  # a claim is 'scrubbing:<token>'
+INTERRUPTED = 'scrub_interrupted'
 DELETED = 'deleted'
 ACTIVE = 'active'
+
+
+class Verdict(enum.Enum):
+    """What became of one claimed location's store delete."""
+
+    GONE = 'gone'  # deleted, already gone, or kept because shared
+    FAILED = 'failed'  # the store said no; our delete has returned
+    NOT_STARTED = 'not started'  # cancelled before it began
+    UNKNOWN = 'unknown'  # started and never returned (interrupted)
+
+
+def claimed_status(token):
+    """The status of a row claimed by ``token``."""
+    return f'{SCRUBBING}:{token}'
+
+
+def claim_token(status):
+    """The token of a claimed row's status ('' for a legacy claim)."""
+    return status.partition(':')[2]
+
+
+def is_claimed(status):
+    return status is not None and status.startswith(SCRUBBING)
+
+
+def _claimed():
+    # 'scrubbing' (legacy, before tokens) and 'scrubbing:<token>'
+    return LOCATIONS.c.status.like(SCRUBBING + '%')
+
+
+def _unfinished():
+    """Rows whose data a scrub has still to deal with."""
+    return sa.or_(
+        LOCATIONS.c.status.in_([PENDING_DELETE, INTERRUPTED]), _claimed()
+    )
+
+
+def target_status(location, verdict):
+    """Where finish moves a claimed row, given its store verdict.
+
+    Back to ``pending_delete`` (revivable) only when no delete of this
+    data can still be running: ours returned or never began, and the row
+    came from ``pending_delete`` (a clean claim) so no earlier claim's
+    delete can be in flight either.  See the module docstring.
+    """
+    if verdict is Verdict.GONE:
+        return DELETED
+    if verdict in (Verdict.FAILED, Verdict.NOT_STARTED) and not (
+        location.taken_over
+    ):
+        return PENDING_DELETE
+    return INTERRUPTED
+
 
 _URL_START = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
@@ -109,7 +201,7 @@ LOCATIONS = sa.Table(
 )
 
 
-def _child_table(name):
+def _child_table(name, *extra):
     return sa.Table(
         name,
         _META,
@@ -118,13 +210,20 @@ def _child_table(name):
         sa.Column('deleted', sa.Boolean(create_constraint=False)),
         sa.Column('deleted_at', sa.DateTime),
         sa.Column('updated_at', sa.DateTime),
+        *extra,
     )
 
 
-# Soft-deleted by Glance's image_destroy with the image's deleted_at.
-CHILD_TABLES = tuple(
-    _child_table(name)
-    for name in ('image_properties', 'image_tags', 'image_members')
+# Soft-deleted by Glance with the image (see GlanceDB._in_deletion).
+PROPERTIES = _child_table(
+    'image_properties',
+    sa.Column('name', sa.String(255)),
+    sa.Column('value', sa.Text),
+)
+CHILD_TABLES = (
+    PROPERTIES,
+    _child_table('image_tags'),
+    _child_table('image_members'),
 )
 
 
@@ -154,6 +253,10 @@ class Location:
     # Another, live, location points at the same data: mark the row, keep
     # the data.
     shared: bool = False
+    # Claimed from another claim or from scrub_interrupted: a delete of
+    # this data may have started before ours, so it never goes back to
+    # pending_delete.
+    taken_over: bool = False
 
 
 @dataclasses.dataclass
@@ -168,13 +271,15 @@ class Claim:
     busy: bool = False
     # The image is pending_delete again, for a newer deletion.
     superseded_by: datetime.datetime | None = None
+    # When the other worker's lease runs out (None: a claim of ours).
+    busy_until: datetime.datetime | None = None
     # (location id, reason) of rows that cannot be read.
     errors: list = dataclasses.field(default_factory=list)
     size: int | None = None
-    # The claim's fencing token: the ``updated_at`` our ``scrubbing``
-    # rows carry.  Whole seconds, so it compares equal on every backend
-    # (MariaDB's DATETIME has no fraction).
-    stamp: datetime.datetime | None = None
+    # The claim's fencing token, in the status of our rows
+    # ('scrubbing:<token>'): unique per claim, so finish and renew move
+    # exactly the rows still ours.
+    token: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,18 +351,42 @@ def utcnow():
     return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
-def _stamp(when):
-    return when.replace(microsecond=0)
+def deletion_time(image):
+    """When ``image`` (a row with deleted_at, updated_at) was deleted.
+
+    ``deleted_at``, or for Glance's half-finished delete (a crash between
+    its two transactions: ``pending_delete``, ``deleted = 0``,
+    ``deleted_at`` NULL) the ``updated_at`` its first transaction wrote.
+    """
+    return image.deleted_at or image.updated_at
+
+
+def _deletion_time_column():
+    return sa.func.coalesce(IMAGES.c.deleted_at, IMAGES.c.updated_at)
 
 
 class GlanceDB:
     """Reads and moves Glance's image and location rows."""
 
-    def __init__(self, engine, encryption_key=None, lease_time=600):
+    def __init__(
+        self,
+        engine,
+        encryption_key=None,
+        lease_time=600,
+        data_key=None,
+        process=None,
+    ):
+        """``data_key(uri)`` names the data a URI points at (two URIs with
+        one key are the same data: :func:`scrub_listener.store.data_key`);
+        ``process`` (:class:`scrub_listener.holders.Process`) makes claim
+        tokens and recognises the claims of dead processes of this host.
+        """
         self.engine = engine
         self._key = encryption_key
         self._lease = datetime.timedelta(seconds=lease_time)
-        self._live_urls = _LiveUrlIndex(self) if encryption_key else None
+        self.data_key = data_key or _plain_key
+        self.process = process or holders.this_process(socket.gethostname())
+        self._live_data = _LiveDataIndex(self)
 
     # -- reading ----------------------------------------------------------
 
@@ -290,11 +419,21 @@ class GlanceDB:
         included.
         """
         query = (
-            sa.select(IMAGES.c.id, IMAGES.c.deleted_at)
+            sa.select(IMAGES.c.id, IMAGES.c.deleted_at, IMAGES.c.updated_at)
             .where(
                 IMAGES.c.status == PENDING_DELETE,
-                IMAGES.c.deleted == sa.true(),
-                IMAGES.c.deleted_at <= deleted_before,
+                sa.or_(
+                    sa.and_(
+                        IMAGES.c.deleted == sa.true(),  # indexed
+                        IMAGES.c.deleted_at <= deleted_before,
+                    ),
+                    # Glance's half-finished delete (see deletion_time)
+                    sa.and_(
+                        IMAGES.c.deleted == sa.false(),
+                        IMAGES.c.deleted_at.is_(None),
+                        IMAGES.c.updated_at <= deleted_before,
+                    ),
+                ),
             )
             .order_by(IMAGES.c.id)
             .limit(page_size)
@@ -302,7 +441,7 @@ class GlanceDB:
         yield from self._pages(
             query,
             IMAGES.c.id,
-            lambda row: Deletion(row.id, None, row.deleted_at),
+            lambda row: Deletion(row.id, None, deletion_time(row)),
         )
 
     def iter_due_removed_locations(self, deleted_before, page_size):
@@ -310,7 +449,8 @@ class GlanceDB:
 
         A location row in ``pending_delete`` whose image is not
         ``pending_delete`` (PATCH remove, DELETE /v2/stores/...).  Also
-        finds ``scrubbing`` rows whose claim went stale (crashed worker).
+        finds ``scrub_interrupted`` rows, and ``scrubbing`` rows whose
+        claim went stale (crashed worker).
         """
         stale_before = utcnow() - self._lease
         query = (
@@ -325,11 +465,8 @@ class GlanceDB:
                 LOCATIONS.c.deleted == sa.true(),  # indexed
                 LOCATIONS.c.deleted_at <= deleted_before,
                 sa.or_(
-                    LOCATIONS.c.status == PENDING_DELETE,
-                    sa.and_(
-                        LOCATIONS.c.status == SCRUBBING,
-                        LOCATIONS.c.updated_at < stale_before,
-                    ),
+                    LOCATIONS.c.status.in_([PENDING_DELETE, INTERRUPTED]),
+                    sa.and_(_claimed(), LOCATIONS.c.updated_at < stale_before),
                 ),
             )
             .order_by(LOCATIONS.c.id)
@@ -356,12 +493,14 @@ class GlanceDB:
 
     def get_deletion_times(self, image_ids):
         """{image id: deleted_at} of those images that are pending_delete."""
-        query = sa.select(IMAGES.c.id, IMAGES.c.deleted_at).where(
+        query = sa.select(
+            IMAGES.c.id, IMAGES.c.deleted_at, IMAGES.c.updated_at
+        ).where(
             IMAGES.c.id.in_(list(image_ids)),
             IMAGES.c.status == PENDING_DELETE,
         )
         with self.engine.connect() as conn:
-            return {row.id: row.deleted_at for row in conn.execute(query)}
+            return {row.id: deletion_time(row) for row in conn.execute(query)}
 
     def iter_pending_images(
         self, page_size=500, owner=None, name=None, deleted_since=None
@@ -371,7 +510,8 @@ class GlanceDB:
             sa.select(sa.func.count())
             .where(
                 LOCATIONS.c.image_id == IMAGES.c.id,
-                LOCATIONS.c.status.in_([PENDING_DELETE, SCRUBBING]),
+                LOCATIONS.c.deleted == sa.true(),
+                _unfinished(),
             )
             .scalar_subquery()
         )
@@ -382,7 +522,7 @@ class GlanceDB:
                 IMAGES.c.owner,
                 IMAGES.c.size,
                 IMAGES.c.visibility,
-                IMAGES.c.deleted_at,
+                _deletion_time_column().label('deleted_at'),
                 loc_count.label('locations'),
             )
             .where(IMAGES.c.status == PENDING_DELETE)
@@ -394,7 +534,7 @@ class GlanceDB:
         if name is not None:
             query = query.where(IMAGES.c.name == name)
         if deleted_since is not None:
-            query = query.where(IMAGES.c.deleted_at >= deleted_since)
+            query = query.where(_deletion_time_column() >= deleted_since)
         for page in self._pages(
             query, IMAGES.c.id, lambda row: PendingImage(**row._mapping)
         ):
@@ -417,7 +557,7 @@ class GlanceDB:
             row
             for row in rows
             if deletion.location_id in (None, row.id)
-            and row.status == PENDING_DELETE
+            and row.status in (PENDING_DELETE, INTERRUPTED)
         ]
         return self._read_locations(wanted, size)
 
@@ -430,18 +570,22 @@ class GlanceDB:
                 errors.append((row.id, str(exc)))
         return locations, errors
 
-    # -- claim / finish (see the module docstring) -------------------------
+    # -- claim / renew / finish (see the module docstring) ----------------
 
-    def claim(self, deletions, now=None):
+    def claim(self, deletions, now=None, token=None):
         """Claim the locations of ``deletions``; one transaction.
 
-        Returns one :class:`Claim` per Deletion, in order.
+        Returns one :class:`Claim` per Deletion, in order, all with the
+        same fresh ``token`` (or ``token``, for tests).  The caller owns
+        the token: it must :meth:`finish` with it, then drop it
+        (``self.process.drop(token)``).
         """
-        return db.with_deadlock_retry(lambda: self._claim(deletions, now))
+        token = token or self.process.new_token()
+        return db.with_deadlock_retry(
+            lambda: self._claim(deletions, now or utcnow(), token)
+        )
 
-    def _claim(self, deletions, now):
-        now = _stamp(now or utcnow())
-        stale_before = now - self._lease
+    def _claim(self, deletions, now, token):
         with self.engine.begin() as conn:
             images = self._lock_images(conn, {d.image_id for d in deletions})
             rows = conn.execute(
@@ -451,18 +595,18 @@ class GlanceDB:
             for row in rows:
                 by_image.setdefault(row.image_id, []).append(row)
             claims = [
-                self._decide(d, images.get(d.image_id), by_image, stale_before)
+                self._decide(d, images.get(d.image_id), by_image, now)
                 for d in deletions
             ]
             self._mark_shared(conn, claims)
             for claim in claims:
-                claim.stamp = now
+                claim.token = token
             claimed = [loc.id for c in claims for loc in c.locations]
             if claimed:
                 conn.execute(
                     LOCATIONS.update()
-                    .where(LOCATIONS.c.id.in_(claimed))
-                    .values(status=SCRUBBING, updated_at=now)
+                    .where(LOCATIONS.c.id.in_(sorted(claimed)))
+                    .values(status=claimed_status(token), updated_at=now)
                 )
         return claims
 
@@ -475,6 +619,7 @@ class GlanceDB:
                 IMAGES.c.id,
                 IMAGES.c.status,
                 IMAGES.c.deleted_at,
+                IMAGES.c.updated_at,
                 IMAGES.c.size,
             )
             .where(IMAGES.c.id.in_(sorted(image_ids)))
@@ -489,12 +634,13 @@ class GlanceDB:
             sa.select(LOCATIONS)
             .where(
                 LOCATIONS.c.image_id.in_({d.image_id for d in deletions}),
-                LOCATIONS.c.status.in_([PENDING_DELETE, SCRUBBING]),
+                LOCATIONS.c.deleted == sa.true(),
+                _unfinished(),
             )
             .order_by(LOCATIONS.c.id)
         )
 
-    def _decide(self, deletion, image, by_image, stale_before):
+    def _decide(self, deletion, image, by_image, now):
         claim = Claim(deletion)
         if image is None:
             claim.skip_reason = 'the image row no longer exists'
@@ -502,137 +648,175 @@ class GlanceDB:
         claim.size = image.size
         rows = by_image.get(deletion.image_id, [])
         if deletion.location_id is None:
-            if image.status != PENDING_DELETE:
-                claim.skip_reason = f'the image is {image.status} (restored?)'
-                return claim
-            if image.deleted_at != deletion.deleted_at:
-                claim.skip_reason = 'the image was restored and deleted again'
-                if image.deleted_at > deletion.deleted_at:
-                    claim.superseded_by = image.deleted_at
-                return claim
+            claim.skip_reason = self._image_gone_reason(deletion, image)
+            claim.superseded_by = self._newer_deletion(deletion, image)
         else:
             rows = [r for r in rows if r.id == deletion.location_id]
-            if not rows:
-                claim.skip_reason = 'the location is no longer pending_delete'
-                return claim
-            if rows[0].deleted_at != deletion.deleted_at:
-                # Revived by a restore and removed again: that removal has
-                # its own due time; the sweep queues it.
-                claim.skip_reason = 'the location was removed again since'
-                return claim
-        if any(
-            r.status == SCRUBBING and r.updated_at >= stale_before
-            for r in rows
-        ):
+            claim.skip_reason = self._location_gone_reason(deletion, rows)
+        if claim.skip_reason:
+            return claim
+        held = [r for r in rows if is_claimed(r.status)]
+        live = [r for r in held if not self._may_take_over(r, now)]
+        if live:
             claim.busy = True
+            claim.busy_until = self._lease_end(live)
             return claim
         claim.locations, claim.errors = self._read_locations(rows, image.size)
+        status = {r.id: r.status for r in rows}
+        claim.locations = [
+            dataclasses.replace(
+                loc, taken_over=status[loc.id] != PENDING_DELETE
+            )
+            for loc in claim.locations
+        ]
         return claim
 
+    @staticmethod
+    def _image_gone_reason(deletion, image):
+        if image.status != PENDING_DELETE:
+            return f'the image is {image.status} (restored?)'
+        if deletion_time(image) != deletion.deleted_at:
+            return 'the image was restored and deleted again'
+        return None
+
+    @staticmethod
+    def _newer_deletion(deletion, image):
+        """The time of a deletion of ``image`` newer than ``deletion``."""
+        if image.status != PENDING_DELETE:
+            return None
+        deleted_at = deletion_time(image)
+        return deleted_at if deleted_at > deletion.deleted_at else None
+
+    @staticmethod
+    def _location_gone_reason(deletion, rows):
+        if not rows:
+            return 'the location is no longer pending_delete'
+        if rows[0].deleted_at != deletion.deleted_at:
+            # Revived by a restore and removed again: that removal has its
+            # own due time; the sweep queues it.
+            return 'the location was removed again since'
+        return None
+
+    def _lease_end(self, rows):
+        """When the leases of claimed ``rows`` run out."""
+        return max(r.updated_at for r in rows) + self._lease
+
+    def _may_take_over(self, row, now):
+        """A claimed row may be claimed again: its holder is a dead
+        process of this host, or its lease is stale.  (A wrong "yes" is
+        safe: a takeover never makes data revivable.)"""
+        if self.process.holder_is_dead(claim_token(row.status)):
+            return True
+        return row.updated_at is None or row.updated_at < now - self._lease
+
     def _mark_shared(self, conn, claims):
-        """Flag claimed locations whose data a live location points at."""
-        uris = {loc.uri for c in claims for loc in c.locations}
-        if not uris:
+        """Flag claimed locations whose data a live location points at.
+
+        Compared by ``data_key`` (what the store would touch), not as
+        strings: ``file:///d/./x`` and ``file:///d/x`` are one file.
+        """
+        claimed = [loc for c in claims for loc in c.locations]
+        if not claimed:
             return
-        if self._live_urls is not None:
-            shared = self._live_urls.shared(conn, uris)
-        else:
-            query = sa.select(LOCATIONS.c.value).where(
-                LOCATIONS.c.deleted == sa.false(),
-                LOCATIONS.c.value.in_(sorted(uris)),
-            )
-            shared = set(conn.execute(query).scalars())
-        if not shared:
-            return
+        live = self._live_data.keys(conn)
         for claim in claims:
             claim.locations = [
-                dataclasses.replace(loc, shared=loc.uri in shared)
+                dataclasses.replace(loc, shared=self._key_of(loc.uri) in live)
                 for loc in claim.locations
             ]
 
-    def renew(self, location_ids, stamp, now=None):
-        """Extend our claim on ``scrubbing`` rows; return the new stamp.
+    def _key_of(self, uri):
+        try:
+            return self.data_key(uri)
+        except Exception:  # a key function must never let a delete through
+            return ('unreadable', uri)
+
+    def renew(self, token, location_ids, now=None):
+        """Extend our claim; return the ids of the rows still ours.
 
         Called while a long batch is still deleting, so that its claim
-        never looks stale to another worker.  Rows whose stamp is no
-        longer ``stamp`` were taken over and stay with their new owner.
+        does not look stale to others.  Rows missing from the answer were
+        taken over: they are the new holder's now (our deletes on them may
+        still complete, which is why a takeover never revives data).
         """
-        new = _stamp(now or utcnow())
-        if new == stamp or not location_ids:
-            return stamp
+        if not location_ids:
+            return set()
+        now = now or utcnow()
+        ids = sorted(location_ids)
+        mine = sa.and_(
+            LOCATIONS.c.id.in_(ids),
+            LOCATIONS.c.status == claimed_status(token),
+        )
         with self.engine.begin() as conn:
-            conn.execute(
-                LOCATIONS.update()
-                .where(
-                    LOCATIONS.c.id.in_(sorted(location_ids)),
-                    LOCATIONS.c.status == SCRUBBING,
-                    LOCATIONS.c.updated_at == stamp,
-                )
-                .values(updated_at=new)
+            conn.execute(LOCATIONS.update().where(mine).values(updated_at=now))
+            return set(
+                conn.execute(sa.select(LOCATIONS.c.id).where(mine)).scalars()
             )
-        return new
 
-    def finish(self, done_ids, failed_ids, image_ids, stamp, now=None):
+    def finish(self, token, results, image_ids, now=None):
         """Record the store's verdicts; one transaction.
 
-        ``done_ids``: our ``scrubbing`` locations whose data is gone (or
-        kept because shared) → ``deleted``.  ``failed_ids`` → back to
-        ``pending_delete`` for a later retry.  Only rows still carrying
-        our claim's ``stamp`` move: a claim another worker took over
-        (after lease_time) is theirs to finish, never handed back by us
-        while they may be deleting.  Each of ``image_ids`` still
-        ``pending_delete`` with no location left to scrub → ``deleted``.
-        Returns the ids of the images marked ``deleted``.
+        ``results``: ``(Location, Verdict)`` pairs of our claim; each row
+        still ``scrubbing:<token>`` moves to :func:`target_status`.  Rows
+        another worker took over are theirs and stay untouched.  Each of
+        ``image_ids`` still ``pending_delete`` with no location left to
+        scrub → ``deleted``.  Returns the ids of the images marked
+        ``deleted``.
         """
+        moves = {}
+        for location, verdict in results:
+            moves.setdefault(target_status(location, verdict), []).append(
+                location.id
+            )
         return db.with_deadlock_retry(
-            lambda: self._finish(done_ids, failed_ids, image_ids, stamp, now)
+            lambda: self._finish(token, moves, image_ids, now or utcnow())
         )
 
-    def _finish(self, done_ids, failed_ids, image_ids, stamp, now):
-        now = now or utcnow()
+    def _finish(self, token, moves, image_ids, now):
         with self.engine.begin() as conn:
             self._lock_images(conn, image_ids)
-            for ids, status in ((done_ids, DELETED), (failed_ids, None)):
-                if ids:
-                    conn.execute(
-                        LOCATIONS.update()
-                        .where(
-                            LOCATIONS.c.id.in_(sorted(ids)),
-                            LOCATIONS.c.status == SCRUBBING,
-                            LOCATIONS.c.updated_at == stamp,
-                        )
-                        .values(
-                            status=status or PENDING_DELETE, updated_at=now
-                        )
+            for status, ids in sorted(moves.items()):
+                conn.execute(
+                    LOCATIONS.update()
+                    .where(
+                        LOCATIONS.c.id.in_(sorted(ids)),
+                        LOCATIONS.c.status == claimed_status(token),
                     )
+                    .values(status=status, updated_at=now)
+                )
             if not image_ids:
                 return set()
-            left = (
-                sa.select(LOCATIONS.c.id)
+            return self._close_images(conn, image_ids, now)
+
+    @staticmethod
+    def _close_images(conn, image_ids, now):
+        left = (
+            sa.select(LOCATIONS.c.id)
+            .where(
+                LOCATIONS.c.image_id == IMAGES.c.id,
+                LOCATIONS.c.deleted == sa.true(),
+                _unfinished(),
+            )
+            .exists()
+        )
+        closable = set(
+            conn.execute(
+                sa.select(IMAGES.c.id).where(
+                    IMAGES.c.id.in_(sorted(image_ids)),
+                    IMAGES.c.status == PENDING_DELETE,
+                    ~left,
+                )
+            ).scalars()
+        )
+        if closable:
+            conn.execute(
+                IMAGES.update()
                 .where(
-                    LOCATIONS.c.image_id == IMAGES.c.id,
-                    LOCATIONS.c.status.in_([PENDING_DELETE, SCRUBBING]),
+                    IMAGES.c.id.in_(sorted(closable)),
+                    IMAGES.c.status == PENDING_DELETE,
                 )
-                .exists()
+                .values(status=DELETED, updated_at=now)
             )
-            closable = set(
-                conn.execute(
-                    sa.select(IMAGES.c.id).where(
-                        IMAGES.c.id.in_(sorted(image_ids)),
-                        IMAGES.c.status == PENDING_DELETE,
-                        ~left,
-                    )
-                ).scalars()
-            )
-            if closable:
-                conn.execute(
-                    IMAGES.update()
-                    .where(
-                        IMAGES.c.id.in_(sorted(closable)),
-                        IMAGES.c.status == PENDING_DELETE,
-                    )
-                    .values(status=DELETED, updated_at=now)
-                )
         return closable
 
     # -- restore -----------------------------------------------------------
@@ -661,28 +845,8 @@ class GlanceDB:
                 raise exceptions.NotPendingDelete(
                     image_id=image_id, status=image.status
                 )
-            rows = [
-                r
-                for r in self._deletion_locations(conn, image, deletion_window)
-                if r.status == PENDING_DELETE
-                or r.updated_at >= image.deleted_at
-            ]
-            # (rows scrubbed or claimed before the image was deleted were
-            # removed from the live image, they are not this deletion's)
-            if any(r.status == SCRUBBING for r in rows):
-                raise exceptions.ScrubInProgress(image_id=image_id)
-            gone = [r for r in rows if r.status == DELETED]
-            revive = [r for r in rows if r.status == PENDING_DELETE]
-            if gone:
-                raise exceptions.DataGone(
-                    image_id=image_id,
-                    reason=f'{len(gone)} of its {len(rows)} locations were '
-                    'already scrubbed',
-                )
-            if not revive:
-                raise exceptions.DataGone(
-                    image_id=image_id, reason='it has no location left'
-                )
+            revive = self._revivable_locations(conn, image, deletion_window)
+            self._check_key_kept(conn, image, deletion_window)
             locations, errors = self._read_locations(revive, image.size)
             if errors:
                 raise exceptions.DataGone(
@@ -695,72 +859,154 @@ class GlanceDB:
                 conn, image, [r.id for r in revive], deletion_window, now
             )
 
-    def _check_not_claimed_elsewhere(self, conn, image_id, locations):
-        """Refuse if another image's scrub holds the same data.
+    def _revivable_locations(self, conn, image, deletion_window):
+        """This deletion's location rows, all ``pending_delete``, or raise.
 
-        Two images can point at one URL.  If a scrub of the other image
-        claimed its row, the data is being deleted: reviving ours would
-        leave an active image without data.  We lock the other images'
-        rows, as a claim does: a claim of them in flight finishes first
-        (then we see ``scrubbing``), and a claim that comes after waits
-        for our commit (then it sees our live row and keeps the data, see
-        _mark_shared).  Only image rows are locked (by primary key): a
-        FOR UPDATE on the unindexed URL column would lock the whole table.
+        A row that is ``scrubbing`` may be being deleted right now
+        (ScrubInProgress); ``scrub_interrupted`` or ``deleted`` data may
+        be partly gone, or go later (DataGone).  Rows a scrub took before
+        the image was deleted were removed from the live image earlier:
+        they are not this deletion's.
         """
-        uris = {loc.uri for loc in locations}
+        deleted_at = deletion_time(image)
+        rows = [
+            r
+            for r in self._deletion_locations(conn, image, deletion_window)
+            if r.status == PENDING_DELETE or r.updated_at >= deleted_at
+        ]
+        if any(is_claimed(r.status) for r in rows):
+            raise exceptions.ScrubInProgress(image_id=image.id)
+        interrupted = [r for r in rows if r.status == INTERRUPTED]
+        if interrupted:
+            raise exceptions.DataGone(
+                image_id=image.id,
+                reason=f'a scrub of {len(interrupted)} of its {len(rows)} '
+                'locations was interrupted: their data may be partly '
+                'deleted, or deleted later',
+            )
+        gone = [r for r in rows if r.status == DELETED]
+        if gone:
+            raise exceptions.DataGone(
+                image_id=image.id,
+                reason=f'{len(gone)} of its {len(rows)} locations were '
+                'already scrubbed',
+            )
+        if not rows:
+            raise exceptions.DataGone(
+                image_id=image.id, reason='it has no location left'
+            )
+        return rows
+
+    def _check_key_kept(self, conn, image, deletion_window):
+        """Refuse an encrypted image whose key Glance deleted with it.
+
+        With ``cinder_encryption_key_deletion_policy = on_image_deletion``
+        Glance deletes the image's encryption key (Barbican) during the
+        DELETE: its data can never be read again.
+        """
+        props = PROPERTIES
+        query = sa.select(props.c.name, props.c.value).where(
+            self._in_deletion(props, image, deletion_window),
+            props.c.name.in_(
+                [
+                    'cinder_encryption_key_id',
+                    'cinder_encryption_key_deletion_policy',
+                ]
+            ),
+        )
+        found = dict(conn.execute(query).all())
+        if found.get('cinder_encryption_key_id') and (
+            found.get('cinder_encryption_key_deletion_policy')
+            == 'on_image_deletion'
+        ):
+            raise exceptions.DataGone(
+                image_id=image.id,
+                reason='Glance deleted its encryption key with it '
+                '(cinder_encryption_key_deletion_policy = on_image_deletion)',
+            )
+
+    def _check_not_claimed_elsewhere(self, conn, image_id, locations):
+        """Refuse if another image's scrub may delete the same data.
+
+        Two images can point at one data object (compared by
+        ``data_key``).  If a scrub of the other image claimed its row,
+        or was interrupted on it, the data may be deleted: reviving ours
+        would leave an active image without data.  We lock the other
+        images' rows, as a claim does: a claim of them in flight finishes
+        first (then we see ``scrubbing``), and a claim that comes after
+        waits for our commit (then it sees our live row and keeps the
+        data, see _mark_shared).  Only image rows are locked (by primary
+        key): a FOR UPDATE on the unindexed URL column would lock the
+        whole table.
+        """
+        keys = {self._key_of(loc.uri) for loc in locations}
         sharing = {
-            row.image_id for row in self._rows_with_uris(conn, image_id, uris)
+            row.image_id for row in self._rows_naming(conn, image_id, keys)
         }
         if not sharing:
             return
         self._lock_images(conn, sharing)
-        for row in self._rows_with_uris(conn, image_id, uris):
-            if row.status == SCRUBBING:
+        for row in self._rows_naming(conn, image_id, keys):
+            if is_claimed(row.status):
                 raise exceptions.ScrubInProgress(image_id=image_id)
+            if row.status == INTERRUPTED:
+                raise exceptions.DataGone(
+                    image_id=image_id,
+                    reason=f'image {row.image_id} names the same data and '
+                    'its scrub was interrupted',
+                )
 
-    def _rows_with_uris(self, conn, image_id, uris):
-        """Other images' location rows with one of ``uris`` (plain read).
+    def _rows_naming(self, conn, image_id, keys):
+        """Other images' rows that a scrub could hold, naming ``keys``.
 
-        With encryption the same URL never encrypts the same way, so every
-        row a scrub could claim (``pending_delete``) or holds
-        (``scrubbing``) is decrypted and compared: slower, but a restore
-        is rare and must not race a claim still in flight.
+        Every such row is read (decrypted where URLs are encrypted) and
+        compared by data key: slower than a string match in SQL, but a
+        restore is rare and must not miss ``file:///d/./x`` for
+        ``file:///d/x``.
         """
         query = sa.select(
             LOCATIONS.c.image_id, LOCATIONS.c.value, LOCATIONS.c.status
-        ).where(LOCATIONS.c.image_id != image_id)
-        if self._key is None:
-            query = query.where(LOCATIONS.c.value.in_(sorted(uris)))
-        else:
-            query = query.where(
-                LOCATIONS.c.status.in_([PENDING_DELETE, SCRUBBING])
-            )
+        ).where(
+            LOCATIONS.c.image_id != image_id,
+            LOCATIONS.c.deleted == sa.true(),
+            _unfinished(),
+        )
         for row in conn.execute(query):
             try:
-                if self.location_uri(row.value) not in uris:
-                    continue
+                uri = self.location_uri(row.value)
             except exceptions.CorruptLocation:
                 continue
-            yield row
+            if self._key_of(uri) in keys:
+                yield row
 
     @staticmethod
     def _in_deletion(table, image, deletion_window):
         """Rows soft-deleted as part of the image's deletion.
 
         One DELETE request of glance-api 33 soft-deletes, each with its own
-        timestamp, in this order: the locations (pending_delete), the
-        properties (purged by image_update, ~20 ms before the image), then
-        the image with its tags and members (the image's deleted_at).
-        So "part of this deletion" is "deleted within deletion_window
-        before the image".  Rows deleted earlier were removed on purpose
-        from the live image and stay removed.
+        timestamp, in this order: the locations (pending_delete, each in
+        its own transaction), the properties (purged by image_update, ~20
+        ms before the image), then the image with its tags and members
+        (the image's deleted_at, exactly).  So tags and members are this
+        deletion's when their deleted_at is the image's; locations and
+        properties when deleted within ``deletion_window`` before the
+        image.  Rows deleted earlier were removed on purpose from the
+        live image and stay removed.  Nothing soft-deletes rows of a
+        ``pending_delete`` image afterwards, so there is no upper bound
+        (a half-finished delete's properties may carry a time a few ms
+        after the image's ``updated_at``).
         """
-        since = image.deleted_at - datetime.timedelta(seconds=deletion_window)
+        if table.name in ('image_tags', 'image_members'):
+            return sa.and_(
+                table.c.image_id == image.id,
+                table.c.deleted == sa.true(),
+                table.c.deleted_at == image.deleted_at,
+            )
+        window = datetime.timedelta(seconds=deletion_window)
         return sa.and_(
             table.c.image_id == image.id,
             table.c.deleted == sa.true(),
-            table.c.deleted_at >= since,
-            table.c.deleted_at <= image.deleted_at,
+            table.c.deleted_at >= deletion_time(image) - window,
         )
 
     def _deletion_locations(self, conn, image, deletion_window):
@@ -799,93 +1045,56 @@ class GlanceDB:
             for table in CHILD_TABLES
         ]
         return RestoreResult(
-            image.id, len(location_ids), *counts, deleted_at=image.deleted_at
+            image.id,
+            len(location_ids),
+            *counts,
+            deleted_at=deletion_time(image),
         )
 
 
-class _LiveUrlIndex:
-    """Decrypted URLs of live locations, when URLs are encrypted.
+def _plain_key(uri):
+    """The default data key: the URI itself (tests without stores)."""
+    return uri
 
-    With ``metadata_encryption_key`` the same URL encrypts differently each
-    time (random IV), so "does a live location point at this data?" cannot
-    be asked in SQL.  We keep an index of decrypted live URLs, refreshed
-    incrementally, and confirm every hit against the current row before
-    trusting it.
 
-    Incremental by a watermark (highest id, newest ``updated_at``), but
-    rows commit out of order: a row whose id is below one already seen may
-    commit later, and ``updated_at`` is stamped before the commit.  So each
-    refresh re-reads the last ID_MARGIN ids and the rows updated within
-    TIME_MARGIN of the newest seen: far more than glance-api ever has in
-    flight at once, and cheap.
+class _LiveDataIndex:
+    """The data keys of every live location, for the shared-data check.
+
+    "Does a live location point at this data?" cannot be asked in SQL:
+    URLs are compared by what they name (``data_key``), and with
+    ``metadata_encryption_key`` the same URL never encrypts the same way.
+    So each claim reads the ``(id, value)`` of every live row (no
+    watermark, no time margin: a row revived by a restore is seen
+    whatever its timestamps) and keys only the rows it has not seen with
+    that value (decrypting, resolving paths), from a cache.
     """
-
-    ID_MARGIN = 1000
-    TIME_MARGIN = datetime.timedelta(seconds=120)
 
     def __init__(self, glance_db):
         self._db = glance_db
         self._lock = threading.Lock()
-        self._url_by_id = {}
-        self._ids_by_url = collections.defaultdict(set)
-        self._max_id = None
-        self._newest = None
+        self._cache = {}  # location id -> (value, key)
 
-    def shared(self, conn, uris):
-        with self._lock:
-            self._refresh(conn)
-            hits = set()
-            for uri in uris:
-                hits |= self._ids_by_url.get(uri, set())
-        if not hits:
-            return set()
+    def keys(self, conn):
+        """The set of data keys live locations name, read in ``conn``."""
         rows = conn.execute(
             sa.select(LOCATIONS.c.id, LOCATIONS.c.value).where(
-                LOCATIONS.c.id.in_(sorted(hits)),
-                LOCATIONS.c.deleted == sa.false(),
+                LOCATIONS.c.deleted == sa.false()
             )
         ).all()
-        return {self._decrypt(row.value) for row in rows} & uris
+        with self._lock:
+            fresh = {}
+            for row in rows:
+                cached = self._cache.get(row.id)
+                if cached is None or cached[0] != row.value:
+                    cached = (row.value, self._key(row.value))
+                fresh[row.id] = cached
+            self._cache = fresh
+        return {key for _, key in fresh.values()}
 
-    def _refresh(self, conn):
-        query = sa.select(
-            LOCATIONS.c.id,
-            LOCATIONS.c.value,
-            LOCATIONS.c.deleted,
-            LOCATIONS.c.updated_at,
-        )
-        if self._max_id is not None:
-            changed = LOCATIONS.c.id > self._max_id - self.ID_MARGIN
-            if self._newest is not None:
-                changed = sa.or_(
-                    changed,
-                    LOCATIONS.c.updated_at >= self._newest - self.TIME_MARGIN,
-                )
-            query = query.where(changed)
-        for row in conn.execute(query):
-            self._max_id = max(self._max_id or 0, row.id)
-            if row.updated_at and (
-                self._newest is None or row.updated_at > self._newest
-            ):
-                self._newest = row.updated_at
-            self._forget(row.id)
-            if not row.deleted:
-                url = self._decrypt(row.value)
-                self._url_by_id[row.id] = url
-                self._ids_by_url[url].add(row.id)
-        if self._max_id is None:
-            self._max_id = 0  # empty table: next time, only new rows
-
-    def _forget(self, location_id):
-        url = self._url_by_id.pop(location_id, None)
-        if url is not None:
-            ids = self._ids_by_url[url]
-            ids.discard(location_id)
-            if not ids:
-                del self._ids_by_url[url]
-
-    def _decrypt(self, value):
+    def _key(self, value):
         try:
-            return self._db.location_uri(value)
+            uri = self._db.location_uri(value)
         except exceptions.CorruptLocation:
-            return None
+            # Unreadable live row: it cannot match, and cannot be scrubbed.
+            return ('corrupt', value)
+        return self._db._key_of(uri)

@@ -304,6 +304,32 @@ class DueQueue:
             )
         )
 
+    def release_dead_leases(self, is_dead):
+        """Free the leases of processes ``is_dead(owner)`` says are gone.
+
+        A service restarted after SIGKILL frees its predecessor's leases
+        at once instead of waiting out their (absolute) expiry; leases of
+        live workers elsewhere keep theirs.  Returns how many were freed.
+        """
+        with self.engine.connect() as conn:
+            owners = conn.execute(
+                sa.select(ENTRIES.c.lease_owner)
+                .where(ENTRIES.c.lease_owner.is_not(None))
+                .distinct()
+            ).scalars()
+            dead = sorted(owner for owner in owners if is_dead(owner))
+        if not dead:
+            return 0
+        return self._write(
+            lambda conn: (
+                conn.execute(
+                    ENTRIES.update()
+                    .where(ENTRIES.c.lease_owner.in_(dead))
+                    .values(lease_owner=None, lease_expires=None)
+                ).rowcount
+            )
+        )
+
     # -- looking -----------------------------------------------------------
 
     def next_wakeup(self):

@@ -68,6 +68,18 @@ SECOND = datetime.timedelta(seconds=1)
 # How long a thread must stay blocked to count as "waiting for the lock".
 BLOCKED = 0.5
 
+
+def finish_claim(worker, claims, done=(), failed=(), images=()):
+    """GlanceDB.finish with location ids: ``done`` gone, ``failed`` not."""
+    claims = claims if isinstance(claims, list) else [claims]
+    by_id = {loc.id: loc for c in claims for loc in c.locations}
+    pairs = [(by_id[i], glance_db.Verdict.GONE) for i in done] + [
+        (by_id[i], glance_db.Verdict.FAILED) for i in failed
+    ]
+    token = claims[0].token if claims else '0' * 20
+    return worker.finish(token, pairs, set(images))
+
+
 RESTORE_REFUSALS = (
     exceptions.ScrubInProgress,
     exceptions.DataGone,
@@ -530,7 +542,9 @@ class Cluster:
         locations = self.tables['image_locations']
         with self.engine.connect() as conn:
             return conn.execute(
-                sa.select(locations).where(locations.c.status == 'scrubbing')
+                sa.select(locations).where(
+                    locations.c.status.like('scrubbing%')
+                )
             ).all()
 
     def assert_final_state(self, originals, restored=None):
@@ -718,7 +732,9 @@ def test_restore_waits_for_a_claim_in_flight_then_refuses(cluster):
     assert isinstance(restore.error, exceptions.ScrubInProgress), restore.error
     # the scrubber goes on: delete, finish
     os.unlink(_path(claimed.locations[0].uri))
-    scrub_side.finish([claimed.locations[0].id], [], {image_id}, claimed.stamp)
+    finish_claim(
+        scrub_side, claimed, [claimed.locations[0].id], [], {image_id}
+    )
     cluster.assert_final_state(originals, restored=set())
 
 
@@ -771,8 +787,8 @@ def test_restore_waits_for_a_failed_scrub_to_hand_back_then_succeeds(
     paused = Paused(scrub_side.engine, 'UPDATE image_locations')
 
     finish = Outcome(
-        lambda: scrub_side.finish(
-            [], [claimed.locations[0].id], {image_id}, claimed.stamp
+        lambda: finish_claim(
+            scrub_side, claimed, [], [claimed.locations[0].id], {image_id}
         )
     )
     assert paused.reached.wait(30)
@@ -872,9 +888,7 @@ def test_thread_storm_of_scrubs_and_restores(cluster):
                 for c in claims
                 if not (c.skip_reason or c.busy)
             }
-            worker.finish(
-                done, [], images, claims[0].stamp if claims else None
-            )
+            finish_claim(worker, claims, done, [], images)
 
     def restorer(seed):
         rng = random.Random(seed)
@@ -921,12 +935,8 @@ def test_old_owner_cannot_hand_back_a_claim_that_was_taken_over(cluster):
         loc.id for loc in old_claim.locations
     ]
     # the old owner's delete failed (store timeout): it hands back
-    old_owner.finish(
-        [],
-        [loc.id for loc in old_claim.locations],
-        {image_id},
-        old_claim.stamp,
-    )
+    ids = [loc.id for loc in old_claim.locations]
+    finish_claim(old_owner, old_claim, [], ids, {image_id})
     try:
         restore_side.restore(image_id, verify_files, WINDOW)
     except RESTORE_REFUSALS:
@@ -936,14 +946,72 @@ def test_old_owner_cannot_hand_back_a_claim_that_was_taken_over(cluster):
     # the new owner's delete goes through
     for location in new_claim.locations:
         FileStores().delete(location)
-    new_owner.finish(
-        [loc.id for loc in new_claim.locations],
-        [],
-        {image_id},
-        new_claim.stamp,
-    )
+    finish_claim(new_owner, new_claim, ids, [], {image_id})
 
     cluster.assert_final_state(originals, restored=restored)
+
+
+def test_takeover_then_failed_delete_is_never_revivable(cluster):
+    """Issue 7, finding 1: A claims and stalls past lease_time; B takes
+    over; B's delete fails and B finishes; a restore comes; A's delete
+    then completes.  The restore must have been refused: the row went to
+    scrub_interrupted, not back to pending_delete."""
+    originals = cluster.make_images(1)
+    [image_id] = originals
+    deletion = cluster.deletion(image_id)
+    a = cluster.glance_db(lease_time=10)
+    b = cluster.glance_db(lease_time=10)
+    restore_side = cluster.glance_db()
+
+    [a_claim] = a.claim([deletion])
+    [b_claim] = b.claim([deletion], now=utcnow() + 11 * SECOND)
+    ids = [loc.id for loc in b_claim.locations]
+    assert all(loc.taken_over for loc in b_claim.locations)
+    finish_claim(b, b_claim, [], ids, {image_id})  # B's delete failed
+    _, rows = cluster.rows([image_id])
+    assert {r.status for r in rows[image_id]} == {'scrub_interrupted'}
+
+    with pytest.raises(exceptions.DataGone) as info:
+        restore_side.restore(image_id, verify_files, WINDOW)
+    assert 'interrupted' in str(info.value)
+    # A wakes up: its delete completes, its finish moves nothing
+    for location in a_claim.locations:
+        FileStores().delete(location)
+    finish_claim(a, a_claim, ids, [], {image_id})
+    # the next scrub claims the interrupted row at once and completes
+    [again] = b.claim([deletion])
+    assert [loc.id for loc in again.locations] == ids
+    finish_claim(b, again, ids, [], {image_id})
+    cluster.assert_final_state(originals, restored=set())
+
+
+def test_renewal_after_a_takeover_returns_nothing_and_fences_finish(cluster):
+    """Issue 7, finding 2: after a takeover, A's renewal must not yield a
+    claim on B's rows, whatever the clocks say: renew answers which rows
+    are still A's (none), and A's finish of a failed delete then moves
+    nothing -- B's rows are never handed back while B deletes."""
+    originals = cluster.make_images(1)
+    [image_id] = originals
+    deletion = cluster.deletion(image_id)
+    a = cluster.glance_db(lease_time=10)
+    b = cluster.glance_db(lease_time=10)
+    restore_side = cluster.glance_db()
+    later = utcnow() + 11 * SECOND
+
+    [a_claim] = a.claim([deletion])
+    [b_claim] = b.claim([deletion], now=later)
+    ids = [loc.id for loc in a_claim.locations]
+    # same instant as B's claim: the old whole-second stamps collided here
+    assert a.renew(a_claim.token, ids, now=later) == set()
+    finish_claim(a, a_claim, [], ids, {image_id})  # A's delete failed
+    _, rows = cluster.rows([image_id])
+    assert {r.status for r in rows[image_id]} == {f'scrubbing:{b_claim.token}'}
+    with pytest.raises(exceptions.ScrubInProgress):
+        restore_side.restore(image_id, verify_files, WINDOW)
+    for location in b_claim.locations:
+        FileStores().delete(location)
+    finish_claim(b, b_claim, ids, [], {image_id})
+    cluster.assert_final_state(originals, restored=set())
 
 
 def test_restore_does_not_drop_the_entry_of_a_newer_deletion(cluster):
@@ -1001,7 +1069,7 @@ def test_restore_of_image_sharing_data_with_a_claimed_image(cluster):
         restored = True
     stores = FileStores()
     stores.delete(claimed.locations[0])
-    scrub_side.finish([claimed.locations[0].id], [], {a}, claimed.stamp)
+    finish_claim(scrub_side, claimed, [claimed.locations[0].id], [], {a})
 
     if restored:
         assert cluster.image(b).status == 'active'
@@ -1046,8 +1114,8 @@ def test_restore_racing_an_open_claim_of_an_image_sharing_its_data(
     for location in claimed.locations:
         if not location.shared:
             stores.delete(location)
-    scrub_side.finish(
-        [loc.id for loc in claimed.locations], [], {a}, claimed.stamp
+    finish_claim(
+        scrub_side, claimed, [loc.id for loc in claimed.locations], [], {a}
     )
     if restore.error is None:
         assert cluster.image(b).status == 'active'

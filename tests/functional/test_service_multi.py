@@ -67,7 +67,11 @@ def _bulk(world, count, size=128, deleted_at=None):
 def _leftovers(world, queue_url):
     """What a finished run must not leave: (scrubbing rows, queue rows)."""
     locations = sf.location_statuses(world.glance_url)
-    scrubbing = [i for i, s in locations.items() if 'scrubbing' in s]
+    scrubbing = [
+        i
+        for i, s in locations.items()
+        if any(x.startswith('scrubbing') for x in s)
+    ]
     return scrubbing, sf.queue_rows(queue_url)
 
 

@@ -37,6 +37,22 @@ def _verify_files(locations):
             )
 
 
+GONE = glance_db.Verdict.GONE
+FAILED = glance_db.Verdict.FAILED
+
+
+def _finish(gdb, claim, verdicts, images):
+    """finish() with {location id: Verdict} of ``claim``'s locations."""
+    by_id = {loc.id: loc for loc in claim.locations}
+    return gdb.finish(
+        claim.token, [(by_id[i], v) for i, v in verdicts.items()], images
+    )
+
+
+def _claimed(status):
+    return status.startswith('scrubbing:')
+
+
 def _snapshot(glance, image_id):
     return (
         tuple(glance.image(image_id)),
@@ -295,7 +311,8 @@ def test_claim_moves_locations_to_scrubbing(glance, gdb):
     assert location.size == 1024
     assert not location.shared
     [row] = glance.locations(image)
-    assert row.status == 'scrubbing'
+    assert row.status == f'scrubbing:{claim.token}'
+    assert len(row.status) <= 30  # Glance's column
     assert glance.image(image).status == 'pending_delete'
     assert 'uri' not in repr(location)  # may hold credentials
 
@@ -315,6 +332,9 @@ def test_second_claim_is_busy_until_lease_expires(glance):
     assert [loc.id for loc in third.locations] == [
         loc.id for loc in first.locations
     ]
+    # a takeover: never handed back to pending_delete
+    assert [loc.taken_over for loc in third.locations] == [True]
+    assert not any(loc.taken_over for loc in first.locations)
 
 
 def test_claim_skips_restored_image(glance, gdb):
@@ -362,8 +382,8 @@ def test_claim_of_removed_location_takes_only_that_one(glance, gdb):
     [claim] = gdb.claim([glance.location_deletion(removed)])
     assert [loc.id for loc in claim.locations] == [removed]
     statuses = {r.id: r.status for r in glance.locations(live)}
-    assert statuses[removed] == 'scrubbing'
-    assert sorted(statuses.values()) == ['active', 'scrubbing']
+    assert _claimed(statuses[removed])
+    assert [s for i, s in statuses.items() if i != removed] == ['active']
     [again] = gdb.claim([glance.location_deletion(removed)])
     assert again.busy
 
@@ -436,7 +456,7 @@ def test_claim_does_not_count_deleted_locations_as_sharing(glance, gdb):
 def test_finish_done_closes_the_image(glance, gdb):
     image = glance.make_image()
     [claim] = gdb.claim([glance.deletion(image)])
-    closed = gdb.finish([claim.locations[0].id], [], {image}, claim.stamp)
+    closed = _finish(gdb, claim, {claim.locations[0].id: GONE}, {image})
     assert closed == {image}
     assert glance.image(image).status == 'deleted'
     assert glance.image(image).deleted
@@ -451,7 +471,7 @@ def test_finish_failed_hands_location_back(glance, gdb):
     [claim] = gdb.claim([glance.deletion(image)])
     first = [loc.id for loc in claim.locations if loc.id != second][0]
 
-    closed = gdb.finish([first], [second], {image}, claim.stamp)
+    closed = _finish(gdb, claim, {first: GONE, second: FAILED}, {image})
 
     assert closed == set()
     assert glance.image(image).status == 'pending_delete'
@@ -466,23 +486,24 @@ def test_finish_leaves_image_open_while_a_location_is_claimed(glance, gdb):
     )
     [claim] = gdb.claim([glance.deletion(image)])
     first = [loc.id for loc in claim.locations if loc.id != second][0]
-    assert gdb.finish([first], [], {image}, claim.stamp) == set()
+    assert _finish(gdb, claim, {first: GONE}, {image}) == set()
     assert glance.image(image).status == 'pending_delete'
-    assert gdb.finish([second], [], {image}, claim.stamp) == {image}
+    assert _finish(gdb, claim, {second: GONE}, {image}) == {image}
 
 
 def test_finish_only_moves_scrubbing_rows(glance, gdb):
     image = glance.make_image()
     [row] = glance.locations(image)
     # not claimed: a stray finish must not mark it deleted
-    assert gdb.finish([row.id], [], set(), None) == set()
+    location = glance_db.Location(row.id, image, 'file:///x', 'fs', None)
+    assert gdb.finish('0' * 20, [(location, GONE)], set()) == set()
     assert glance.locations(image)[0].status == 'pending_delete'
 
 
 def test_finish_does_not_close_a_restored_image(glance, gdb):
     image = glance.make_image()
     gdb.restore(image, _verify_files, 60)
-    assert gdb.finish([], [], {image}, None) == set()
+    assert gdb.finish('0' * 20, [], {image}) == set()
     assert glance.image(image).status == 'active'
 
 
@@ -593,7 +614,7 @@ def test_restore_refuses_partly_scrubbed_image(glance, gdb):
     )
     [claim] = gdb.claim([glance.deletion(image)])
     first = [loc.id for loc in claim.locations if loc.id != second][0]
-    gdb.finish([first], [second], {image}, claim.stamp)  # one gone, one failed
+    _finish(gdb, claim, {first: GONE, second: FAILED}, {image})
     before = _snapshot(glance, image)
     with pytest.raises(exceptions.DataGone) as info:
         gdb.restore(image, _verify_files, 60)
@@ -639,7 +660,7 @@ def test_restore_ignores_location_scrubbed_before_the_image_was_deleted(
     # ... and scrubbed (scrub_time 0) before the image is deleted
     [claim] = gdb.claim([glance.location_deletion(moved)])
     os.unlink(path_of(claim.locations[0].uri))
-    gdb.finish([moved], [], set(), claim.stamp)
+    _finish(gdb, claim, {moved: GONE}, set())
     glance.glance_delete(image, glance_db.utcnow())
 
     result = gdb.restore(image, _verify_files, 60)
