@@ -123,21 +123,25 @@ scrubber_opts = [
         min=10,
         max=MAX_SECONDS,
         help='Seconds a claim on a deletion is held. A running batch renews '
-        "its claims every lease_time / 3; a crashed worker's claims (in the "
-        'due-queue, and Glance location rows in the "scrubbing" state) are '
-        'taken over by another worker after lease_time. Must be longer '
-        'than the slowest single store delete.',
+        "its claims every lease_time / 3; a stalled or crashed worker's "
+        'claims (in the due-queue, and Glance location rows in the '
+        '"scrubbing:<token>" state) are taken over by another worker after '
+        'lease_time, at once when the worker was a process of this host '
+        'that no longer runs. A takeover is always safe (data that was '
+        'claimed is never restored), so this only trades how soon a '
+        'stalled claim is retried against duplicate store deletes.',
     ),
     cfg.IntOpt(
         'deletion_window',
         default=60,
-        min=0,
+        min=1,
         max=MAX_SECONDS,
-        help='Rows of an image (locations, properties, tags, members) '
-        'soft-deleted at most this many seconds before the image belong to '
-        'its deletion: glance-api stamps each with its own time during one '
-        'DELETE request. Restore brings back those only; rows deleted '
-        'earlier were removed on purpose and stay removed.',
+        help='Locations and properties of an image soft-deleted at most '
+        'this many seconds before the image belong to its deletion: '
+        'glance-api stamps each with its own time during one DELETE '
+        'request (tags and members carry the image\'s exact deleted_at '
+        'and need no window). Restore brings back those only; rows '
+        'deleted earlier were removed on purpose and stay removed.',
     ),
     cfg.IntOpt(
         'progress_interval',

@@ -247,6 +247,40 @@ def glance_delete(engine, image_id, when):
             )
 
 
+def half_finished_delete(engine, image_id, when):
+    """Glance 33's DELETE cut between its two transactions (a crash).
+
+    The locations are ``pending_delete`` (their own transactions) and the
+    properties purged; image_update set the image ``pending_delete`` but
+    image_destroy never ran: ``deleted = 0``, ``deleted_at`` NULL, tags
+    and members untouched.
+    """
+    tables = _tables(engine)
+    soft_deleted = {'deleted': True, 'deleted_at': when, 'updated_at': when}
+    with engine.begin() as conn:
+        locations = tables['image_locations']
+        conn.execute(
+            locations.update()
+            .where(
+                locations.c.image_id == image_id,
+                locations.c.deleted == sa.false(),
+            )
+            .values(status='pending_delete', **soft_deleted)
+        )
+        props = tables['image_properties']
+        conn.execute(
+            props.update()
+            .where(props.c.image_id == image_id, props.c.deleted == sa.false())
+            .values(**soft_deleted)
+        )
+        images = tables['images']
+        conn.execute(
+            images.update()
+            .where(images.c.id == image_id)
+            .values(status='pending_delete', updated_at=when)
+        )
+
+
 def remove_location(engine, location_id, when):
     """What glance-api does to a location removed from a live image."""
     table = _tables(engine)['image_locations']

@@ -6,6 +6,7 @@ threads and processes on every database.
 """
 
 import base64
+import dataclasses
 import json
 import os
 import random
@@ -16,8 +17,10 @@ import pytest
 
 from scrub_listener import exceptions
 from scrub_listener import glance_db
+from scrub_listener import holders
 from tests.unit.conftest import ago
 from tests.unit.conftest import path_of
+from tools import glance_rows
 
 KEY = '0123456789abcdef0123456789abcdef'
 OTHER_KEY = 'fedcba9876543210fedcba9876543210'
@@ -679,3 +682,230 @@ def test_location_meta_data_json(glance, gdb):
     [claim] = gdb.claim([glance.deletion(image)])
     assert [loc.store for loc in claim.locations] == ['fs2', None]
     assert json.loads(glance.locations(image)[0].meta_data)['store'] == 'fs2'
+
+
+# ------------------------------------------- issue 7: the safety findings
+
+
+def test_failed_delete_after_a_takeover_is_never_revivable(glance):
+    """Finding 1 at the DB level: B took A's claim over; B's delete
+    failed; the row is scrub_interrupted, restore refuses, and the next
+    claim takes it again at once (no lease to wait for)."""
+    gdb = glance_db.GlanceDB(glance.engine, lease_time=600)
+    image = glance.make_image()
+    deletion = glance.deletion(image)
+    [a] = gdb.claim([deletion])
+    [b] = gdb.claim([deletion], now=ago(-601))
+    [location] = b.locations
+    assert location.taken_over
+    _finish(gdb, b, {location.id: FAILED}, {image})
+    [row] = glance.locations(image)
+    assert row.status == 'scrub_interrupted'
+    with pytest.raises(exceptions.DataGone) as info:
+        gdb.restore(image, _verify_files, 60)
+    assert 'interrupted' in str(info.value)
+    # A's finish of its own (failed) delete moves nothing now
+    _finish(gdb, a, {location.id: FAILED}, {image})
+    assert glance.locations(image)[0].status == 'scrub_interrupted'
+    [c] = gdb.claim([deletion])
+    assert [loc.taken_over for loc in c.locations] == [True]
+
+
+def test_renew_answers_which_rows_are_still_ours(glance):
+    """Finding 2: after a takeover the old claim's renewal gets nothing
+    back (it used to return a fresh stamp that could equal the new
+    owner's), and its finish cannot touch the new owner's rows."""
+    gdb = glance_db.GlanceDB(glance.engine, lease_time=600)
+    image = glance.make_image()
+    deletion = glance.deletion(image)
+    [a] = gdb.claim([deletion])
+    ids = [loc.id for loc in a.locations]
+    assert gdb.renew(a.token, ids) == set(ids)
+    later = ago(-601)
+    [b] = gdb.claim([deletion], now=later)
+    assert gdb.renew(a.token, ids, now=later) == set()
+    _finish(gdb, a, {ids[0]: FAILED}, {image})
+    assert glance.locations(image)[0].status == f'scrubbing:{b.token}'
+    assert gdb.renew(b.token, ids) == set(ids)
+
+
+@pytest.mark.parametrize(
+    'verdict, clean, expected',
+    [
+        (glance_db.Verdict.GONE, True, 'deleted'),
+        (glance_db.Verdict.GONE, False, 'deleted'),
+        (glance_db.Verdict.FAILED, True, 'pending_delete'),
+        (glance_db.Verdict.FAILED, False, 'scrub_interrupted'),
+        (glance_db.Verdict.NOT_STARTED, True, 'pending_delete'),
+        (glance_db.Verdict.NOT_STARTED, False, 'scrub_interrupted'),
+        (glance_db.Verdict.UNKNOWN, True, 'scrub_interrupted'),
+        (glance_db.Verdict.UNKNOWN, False, 'scrub_interrupted'),
+    ],
+)
+def test_target_status_is_the_protocol_table(verdict, clean, expected):
+    location = glance_db.Location(1, 'i', 'file:///x', None, None)
+    location = dataclasses.replace(location, taken_over=not clean)
+    assert glance_db.target_status(location, verdict) == expected
+
+
+def test_claims_of_a_dead_process_of_this_host_are_taken_over_at_once(
+    glance,
+):
+    """Crash recovery: a claim written by a process of this host that no
+    longer runs is taken over without waiting for lease_time; a claim of
+    a live process (or of another host) waits."""
+    dead_pids = {4242}
+    alive = lambda pid: pid not in dead_pids  # noqa: E731
+    here = holders.Process('host-a', pid=1000, alive=alive)
+    image = glance.make_image()
+    deletion = glance.deletion(image)
+    for writer, taken in (
+        (holders.Process('host-a', pid=4242, alive=alive), True),
+        (holders.Process('host-a', pid=1001, alive=alive), False),
+        (holders.Process('host-b', pid=4242, alive=alive), False),
+        (holders.Process('host-a', pid=1000, alive=alive), True),  # pid reuse
+    ):
+        token = writer.new_token()
+        [row] = glance.locations(image)
+        glance.update(
+            'image_locations',
+            row.id,
+            status=f'scrubbing:{token}',
+            updated_at=ago(1),
+        )
+        gdb = glance_db.GlanceDB(glance.engine, lease_time=600, process=here)
+        [claim] = gdb.claim([deletion])
+        assert claim.busy is not taken, (writer.host, writer.pid)
+        if claim.busy:
+            assert claim.busy_until > ago(-590)
+
+
+def test_a_revived_old_location_is_seen_by_the_shared_data_check(glance):
+    """Finding 4: with encrypted URLs the live-URL index refreshed from a
+    watermark (ids above max - 1000, or updated within 120 s of the
+    newest seen) and missed an old row revived by a restore while
+    glance-api's clock ran ahead.  Now every live row is read."""
+    gdb = glance_db.GlanceDB(glance.engine, encryption_key=KEY)
+    restored = glance.make_image(encrypt_key=KEY)
+    url = 'file://' + glance.path(restored)
+    filler = glance.make_image(status='active', encrypt_key=KEY)
+    ahead = ago(-3600)  # glance-api's clock an hour ahead
+    rows = [
+        {
+            'image_id': filler,
+            'value': _encrypt(KEY, f'file:///elsewhere/{n}'),
+            'meta_data': '{}',
+            'status': 'active',
+            'created_at': ahead,
+            'updated_at': ahead,
+            'deleted': False,
+        }
+        for n in range(1001)
+    ]
+    with glance.engine.begin() as conn:
+        conn.execute(glance.tables['image_locations'].insert(), rows)
+    warm = glance.make_image(encrypt_key=KEY)
+    gdb.claim([glance.deletion(warm)])  # fills the index
+    gdb.restore(restored, _verify_files, 60)  # its row is live again
+    dead = glance.make_image(
+        locations=[(url, {'store': 'fs'})], encrypt_key=KEY
+    )
+    [claim] = gdb.claim([glance.deletion(dead)])
+    assert [loc.shared for loc in claim.locations] == [True]
+
+
+def test_shared_data_is_compared_by_data_key(glance):
+    """Finding 5: URLs naming one file with different spellings are one
+    data object when the data key says so."""
+    gdb = glance_db.GlanceDB(
+        glance.engine, data_key=lambda uri: os.path.normpath(path_of(uri))
+    )
+    live = glance.make_image(status='active')
+    path = glance.path(live)
+    spelled = 'file://' + os.path.join(os.path.dirname(path), '.', live)
+    dead = glance.make_image(locations=[(spelled, {'store': 'fs'})])
+    [claim] = gdb.claim([glance.deletion(dead)])
+    assert [loc.shared for loc in claim.locations] == [True]
+
+
+def test_half_finished_glance_delete_is_swept_listed_and_restorable(
+    glance, gdb
+):
+    """Finding 7: Glance's DELETE cut between its two transactions leaves
+    pending_delete, deleted = 0, deleted_at NULL.  Its deletion time is
+    the image's updated_at: the sweep finds it, list shows it, restore
+    brings it back."""
+    image = glance.make_image(status='active', properties={'a': 'b'})
+    when = ago(600)
+    glance_rows.half_finished_delete(glance.engine, image, when)
+    [page] = list(gdb.iter_due_images(ago(300), 100))
+    assert page == [glance_db.Deletion(image, None, when)]
+    assert gdb.get_deletion_times({image}) == {image: when}
+    [listed] = list(gdb.iter_pending_images())
+    assert listed.deleted_at == when and listed.locations == 1
+    result = gdb.restore(image, _verify_files, 60)
+    assert (result.locations, result.properties) == (1, 1)
+    assert glance.image(image).status == 'active'
+
+
+def test_half_finished_glance_delete_is_scrubbed(glance, gdb):
+    image = glance.make_image(status='active')
+    glance_rows.half_finished_delete(glance.engine, image, ago(600))
+    [deletion] = next(gdb.iter_due_images(ago(300), 100))
+    [claim] = gdb.claim([deletion])
+    assert claim.skip_reason is None
+    [location] = claim.locations
+    os.unlink(path_of(location.uri))
+    assert _finish(gdb, claim, {location.id: GONE}, {image}) == {image}
+    assert glance.image(image).status == 'deleted'
+
+
+def test_restore_revives_members_and_tags_of_the_deletion_only(glance, gdb):
+    """Finding 8: a member whose access was revoked just before the delete
+    stays revoked (members and tags carry the image's exact deleted_at)."""
+    image = glance.make_image(
+        status='active', members=['kept'], tags=['kept-tag']
+    )
+    revoked = glance.children('image_members', image)[0].id + 1000
+    member_table = glance.tables['image_members']
+    with glance.engine.begin() as conn:
+        conn.execute(
+            member_table.insert(),
+            {
+                'id': revoked,
+                'image_id': image,
+                'member': 'revoked',
+                'can_share': False,
+                'status': 'accepted',
+                'created_at': ago(100),
+                'updated_at': ago(5),
+                'deleted_at': ago(5),
+                'deleted': True,
+            },
+        )
+    glance.glance_delete(image, glance_db.utcnow())
+    result = gdb.restore(image, _verify_files, 60)
+    assert (result.members, result.tags) == (1, 1)
+    members = {
+        r.member: bool(r.deleted)
+        for r in glance.children('image_members', image)
+    }
+    assert members == {'kept': False, 'revoked': True}
+
+
+def test_image_whose_encryption_key_glance_deleted_is_not_restored(
+    glance, gdb
+):
+    image = glance.make_image(
+        status='active',
+        properties={
+            'cinder_encryption_key_id': 'b0e1-...',
+            'cinder_encryption_key_deletion_policy': 'on_image_deletion',
+        },
+    )
+    glance.glance_delete(image, glance_db.utcnow())
+    before = _snapshot(glance, image)
+    with pytest.raises(exceptions.DataGone) as info:
+        gdb.restore(image, _verify_files, 60)
+    assert 'encryption key' in str(info.value)
+    assert _snapshot(glance, image) == before
