@@ -60,7 +60,13 @@ class Scrubber:
     """
 
     def __init__(
-        self, glance_db, stores, executor, lease_time=600, sleep=time.sleep
+        self,
+        glance_db,
+        stores,
+        executor,
+        lease_time=600,
+        sleep=time.sleep,
+        clock=time.monotonic,
     ):
         self._db = glance_db
         self._stores = stores
@@ -68,7 +74,8 @@ class Scrubber:
         self._lease_time = lease_time
         # Renew claims well before they could look stale to others.
         self._renew_every = lease_time / 3.0
-        self._sleep = sleep
+        self._sleep = sleep  # for the finish retries; both injectable
+        self._clock = clock
 
     def scrub(self, deletions, heartbeat=None):
         """Scrub ``deletions``; return one Outcome per deletion, in order.
@@ -179,6 +186,7 @@ class Scrubber:
             within=self._lease_time,
             what='record a finished batch in the Glance database',
             sleep=self._sleep,
+            clock=self._clock,
         )
 
     def _delete_one(self, location):

@@ -1,10 +1,12 @@
 """scrub_listener.scrubber.Scrubber: real Glance rows, a fake store."""
 
 import os
+import threading
 import time
 
 import futurist
 import pytest
+from sqlalchemy import exc as sa_exc
 
 from scrub_listener import exceptions
 from scrub_listener import scrubber
@@ -222,3 +224,129 @@ def test_failed_claim_renewal_does_not_hand_back_running_deletes(
     assert outcome.status == scrubber.SCRUBBED
     assert glance.image(image).status == 'deleted'
     assert not os.path.exists(glance.path(image))
+
+
+# ------------------------------------------- issue 7: the safety findings
+
+
+def _flaky(func, failures):
+    """``func`` that raises a lost-connection OperationalError first."""
+    left = [failures]
+
+    def call(*args, **kwargs):
+        if left[0]:
+            left[0] -= 1
+            raise sa_exc.OperationalError('UPDATE', {}, Exception('gone'))
+        return func(*args, **kwargs)
+
+    return call
+
+
+def test_finish_is_retried_while_the_database_is_away(
+    glance, gdb, stores, executor, monkeypatch
+):
+    """Finding 9: a blip during finish used to strand the batch as
+    'scrubbing' for lease_time; the worker still holds the claim and the
+    verdicts, so it records them once the database answers."""
+    images = [glance.make_image() for _ in range(3)]
+    monkeypatch.setattr(gdb, 'finish', _flaky(gdb.finish, 2))
+    waits = []
+    scrub = scrubber.Scrubber(gdb, stores, executor, sleep=waits.append)
+
+    outcomes = scrub.scrub([glance.deletion(i) for i in images])
+
+    assert [o.status for o in outcomes] == [scrubber.SCRUBBED] * 3
+    assert len(waits) == 2
+    for image_id in images:
+        assert glance.image(image_id).status == 'deleted'
+
+
+def test_finish_that_never_succeeds_leaves_the_claim_not_revivable(
+    glance, gdb, stores, executor, monkeypatch
+):
+    image = glance.make_image()
+    monkeypatch.setattr(gdb, 'finish', _flaky(gdb.finish, 10**6))
+    ticks = iter(range(0, 10**6, 100))  # 100 s per look at the clock
+    scrub = scrubber.Scrubber(
+        gdb,
+        stores,
+        executor,
+        lease_time=600,
+        sleep=lambda s: None,
+        clock=lambda: next(ticks),
+    )
+    with pytest.raises(sa_exc.OperationalError):
+        scrub.scrub([glance.deletion(image)])
+    [row] = glance.locations(image)
+    assert row.status.startswith('scrubbing:')
+    with pytest.raises(exceptions.ScrubInProgress):
+        gdb.restore(image, lambda locations: None, 60)
+
+
+def test_an_unexpected_store_exception_fails_one_location_only(
+    glance, scrub, stores
+):
+    """Finding 6: a ValueError (``file://[...``) escaped the handled
+    errors and failed the whole batch with a traceback, every retry."""
+    bad = glance.make_image()
+    good = glance.make_image()
+    [bad_row] = glance.locations(bad)
+    stores.fail[bad_row.value] = ValueError('Invalid IPv6 URL')
+
+    [failed, ok] = scrub.scrub([glance.deletion(bad), glance.deletion(good)])
+
+    assert failed.status == scrubber.FAILED
+    assert f'location {bad_row.id}' in failed.reason
+    assert 'ValueError' in failed.reason
+    assert ok.status == scrubber.SCRUBBED
+    assert glance.locations(bad)[0].status == 'pending_delete'
+
+
+def test_interrupt_marks_running_deletes_interrupted_and_returns_the_rest(
+    glance, gdb, stores, monkeypatch
+):
+    """Finding 3 in one process: KeyboardInterrupt while one delete runs
+    and two wait in the pool.  The running one's row becomes
+    scrub_interrupted (its delete may still complete), the waiting ones
+    go back to pending_delete, and the interrupt propagates."""
+    images = [glance.make_image() for _ in range(3)]
+    running = threading.Event()
+    release = threading.Event()
+
+    def hold(location):
+        running.set()
+        assert release.wait(30)
+
+    stores.before_delete = hold
+    real_wait = scrubber.waiters.wait_for_all
+
+    def interrupted_wait(futures, timeout=None):
+        assert running.wait(30)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scrubber.waiters, 'wait_for_all', interrupted_wait)
+    pool = futurist.ThreadPoolExecutor(max_workers=1)
+    try:
+        scrub = scrubber.Scrubber(gdb, stores, pool)
+        with pytest.raises(KeyboardInterrupt):
+            scrub.scrub([glance.deletion(i) for i in images])
+        statuses = sorted(glance.locations(i)[0].status for i in images)
+        assert statuses == [
+            'pending_delete',
+            'pending_delete',
+            'scrub_interrupted',
+        ]
+        [in_flight] = [
+            i
+            for i in images
+            if glance.locations(i)[0].status == 'scrub_interrupted'
+        ]
+        with pytest.raises(exceptions.DataGone):
+            gdb.restore(in_flight, lambda locations: None, 60)
+    finally:
+        release.set()
+        monkeypatch.setattr(scrubber.waiters, 'wait_for_all', real_wait)
+        pool.shutdown(wait=True)
+    # the delete that was running completes after all: nothing revived it
+    assert not os.path.exists(glance.path(in_flight))
+    assert glance.image(in_flight).status == 'pending_delete'
