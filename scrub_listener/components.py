@@ -89,7 +89,13 @@ def build(conf, with_stores=True):
         gdb, due_queue, conf.scrub_time, conf.scrub_queue.batch_size
     )
     parts.restorer = restore.Restorer(
-        gdb, parts.stores, due_queue, conf.scrubber.deletion_window
+        gdb,
+        parts.stores,
+        due_queue,
+        conf.scrubber.deletion_window,
+        # a third of the RPC timeout: the store check and the reply must
+        # fit in what is left
+        lock_timeout=conf.rpc.timeout / 3,
     )
     return parts
 

@@ -89,6 +89,7 @@ images first and refuses while one of their rows may be deleting it.
 """
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import enum
@@ -103,6 +104,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.ciphers import modes
+from sqlalchemy import exc as sa_exc
 
 from scrub_listener import db
 from scrub_listener import exceptions
@@ -821,43 +823,59 @@ class GlanceDB:
 
     # -- restore -----------------------------------------------------------
 
-    def restore(self, image_id, verify, deletion_window, now=None):
+    def restore(
+        self, image_id, verify, deletion_window, now=None, lock_timeout=None
+    ):
         """Make a pending_delete image fully usable again; one transaction.
 
         ``verify(locations)`` must raise if any location's data is not in
         its store; it runs while the image row is locked, so no scrub can
         start on the image in between.  Raises ImageNotFound,
         NotPendingDelete, ScrubInProgress or DataGone and then changes
-        nothing.
+        nothing.  ``lock_timeout``: seconds to wait for the row locks
+        (MariaDB, PostgreSQL) before answering ScrubInProgress; an RPC
+        caller gets that answer within its own timeout, instead of
+        "unreachable" followed by a restore that succeeds later.
         """
         image_id = validate_image_id(image_id)
         return db.with_deadlock_retry(
-            lambda: self._restore(image_id, verify, deletion_window, now)
+            lambda: self._restore_bounded(
+                image_id, verify, deletion_window, now, lock_timeout
+            )
         )
 
-    def _restore(self, image_id, verify, deletion_window, now):
+    def _restore_bounded(self, image_id, verify, window, now, lock_timeout):
+        try:
+            with _lock_wait_bound(self.engine, lock_timeout) as conn:
+                with conn.begin():
+                    return self._restore(conn, image_id, verify, window, now)
+        except sa_exc.OperationalError as exc:
+            if _is_lock_timeout(exc):
+                raise exceptions.ScrubInProgress(image_id=image_id) from exc
+            raise
+
+    def _restore(self, conn, image_id, verify, deletion_window, now):
         now = now or utcnow()
-        with self.engine.begin() as conn:
-            image = self._lock_images(conn, {image_id}).get(image_id)
-            if image is None:
-                raise exceptions.ImageNotFound(image_id=image_id)
-            if image.status != PENDING_DELETE:
-                raise exceptions.NotPendingDelete(
-                    image_id=image_id, status=image.status
-                )
-            revive = self._revivable_locations(conn, image, deletion_window)
-            self._check_key_kept(conn, image, deletion_window)
-            locations, errors = self._read_locations(revive, image.size)
-            if errors:
-                raise exceptions.DataGone(
-                    image_id=image_id,
-                    reason=f'location {errors[0][0]}: {errors[0][1]}',
-                )
-            self._check_not_claimed_elsewhere(conn, image_id, locations)
-            verify(locations)
-            return self._revive(
-                conn, image, [r.id for r in revive], deletion_window, now
+        image = self._lock_images(conn, {image_id}).get(image_id)
+        if image is None:
+            raise exceptions.ImageNotFound(image_id=image_id)
+        if image.status != PENDING_DELETE:
+            raise exceptions.NotPendingDelete(
+                image_id=image_id, status=image.status
             )
+        revive = self._revivable_locations(conn, image, deletion_window)
+        self._check_key_kept(conn, image, deletion_window)
+        locations, errors = self._read_locations(revive, image.size)
+        if errors:
+            raise exceptions.DataGone(
+                image_id=image_id,
+                reason=f'location {errors[0][0]}: {errors[0][1]}',
+            )
+        self._check_not_claimed_elsewhere(conn, image_id, locations)
+        verify(locations)
+        return self._revive(
+            conn, image, [r.id for r in revive], deletion_window, now
+        )
 
     def _revivable_locations(self, conn, image, deletion_window):
         """This deletion's location rows, all ``pending_delete``, or raise.
@@ -1050,6 +1068,56 @@ class GlanceDB:
             *counts,
             deleted_at=deletion_time(image),
         )
+
+
+@contextlib.contextmanager
+def _lock_wait_bound(engine, seconds):
+    """A connection whose row-lock waits give up after ``seconds``.
+
+    MariaDB: the session's innodb_lock_wait_timeout (whole seconds), put
+    back before the connection returns to the pool.  PostgreSQL:
+    lock_timeout, set per transaction by the caller's first statement.
+    SQLite waits for its write lock at BEGIN, bounded by the busy timeout
+    (:data:`scrub_listener.db.SQLITE_BUSY_TIMEOUT`).
+    """
+    with engine.connect() as conn:
+        dialect = engine.dialect.name
+        if seconds is None or dialect == 'sqlite':
+            yield conn
+            return
+        if dialect == 'postgresql':
+            ms = max(1, int(seconds * 1000))
+            conn.exec_driver_sql(f"SET lock_timeout = '{ms}ms'")
+            conn.commit()
+            try:
+                yield conn
+            finally:
+                conn.exec_driver_sql('SET lock_timeout = DEFAULT')
+                conn.commit()
+            return
+        conn.exec_driver_sql(
+            f'SET SESSION innodb_lock_wait_timeout = {max(1, round(seconds))}'
+        )
+        conn.commit()
+        try:
+            yield conn
+        finally:
+            conn.exec_driver_sql(
+                'SET SESSION innodb_lock_wait_timeout = DEFAULT'
+            )
+            conn.commit()
+
+
+def _is_lock_timeout(exc):
+    text = str(getattr(exc, 'orig', exc)).lower()
+    return any(
+        marker in text
+        for marker in (
+            'lock wait timeout',
+            'lock timeout',
+            'database is locked',
+        )
+    )
 
 
 def _plain_key(uri):

@@ -17,15 +17,28 @@ LOG = logging.getLogger(__name__)
 
 
 class Restorer:
-    def __init__(self, glance_db, stores, queue, deletion_window):
+    """Restores images: the Glance rows (under lock) and the due-queue."""
+
+    def __init__(
+        self, glance_db, stores, queue, deletion_window, lock_timeout=None
+    ):
+        """``lock_timeout``: seconds a restore waits for a row lock held by
+        a scrub or another restore before answering ScrubInProgress (kept
+        below the RPC timeout, so that the caller gets the answer)."""
         self._db = glance_db
         self._stores = stores
         self._queue = queue
         self._window = deletion_window
+        self._lock_timeout = lock_timeout
 
     def restore(self, image_id, requested_by='local admin'):
         """Restore ``image_id``; return a RestoreResult or raise."""
-        result = self._db.restore(image_id, self._verify, self._window)
+        result = self._db.restore(
+            image_id,
+            self._verify,
+            self._window,
+            lock_timeout=self._lock_timeout,
+        )
         LOG.info(
             'Restored image %s for %s: %d location(s), %d properties, '
             '%d tags, %d members brought back',

@@ -1846,3 +1846,33 @@ def test_shared_queue_under_producers_and_consumers(cluster, shared_queue):
     if cluster.backend != 'sqlite':  # SQLite reuses rowids
         assert set(leases.values()) == {1}
     assert queues[0].count() == 0
+
+
+def test_restore_waiting_on_a_lock_answers_within_its_bound(cluster):
+    """Issue 7, finding 8: a restore that waited on a row lock longer
+    than the RPC timeout was reported as "service unreachable" and then
+    succeeded.  With a lock bound it answers ScrubInProgress in time and
+    changes nothing; once the lock is gone it succeeds."""
+    if cluster.backend == 'sqlite':
+        pytest.skip('SQLite waits at BEGIN, bounded by its busy timeout')
+    originals = cluster.make_images(1)
+    [image_id] = originals
+    gdb = cluster.glance_db()
+    images = cluster.tables['images']
+    holder = cluster.engine.connect()
+    tx = holder.begin()
+    holder.execute(
+        sa.select(images.c.id).where(images.c.id == image_id).with_for_update()
+    ).all()
+    try:
+        started = time.monotonic()
+        with pytest.raises(exceptions.ScrubInProgress):
+            gdb.restore(image_id, verify_files, WINDOW, lock_timeout=1)
+        took = time.monotonic() - started
+    finally:
+        tx.rollback()
+        holder.close()
+    print(f'\nrestore behind a held lock answered after {took:.2f} s')
+    assert cluster.image(image_id).status == 'pending_delete'
+    gdb.restore(image_id, verify_files, WINDOW, lock_timeout=1)
+    cluster.assert_final_state(originals, restored={image_id})
