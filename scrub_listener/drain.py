@@ -11,6 +11,7 @@ import datetime
 import logging
 
 from scrub_listener import glance_db
+from scrub_listener import redaction
 from scrub_listener import scrubber as scrubber_mod
 
 LOG = logging.getLogger(__name__)
@@ -75,12 +76,27 @@ class Drain:
             # Glance DB or store layer down: back the whole batch off
             # rather than sit on the leases until they expire.
             self._queue.retry_later(
-                [(e, f'{type(exc).__name__}: {exc}') for e in entries],
+                [
+                    (e, redaction.redact(f'{type(exc).__name__}: {exc}'))
+                    for e in entries
+                ],
                 self.owner,
             )
             raise
+        except BaseException:
+            # Ctrl-C: the Glance rows were settled by the scrubber; give
+            # the entries back so that another host need not wait out
+            # our leases.
+            self._release_quietly(entries)
+            raise
         self._settle(entries, outcomes)
         return outcomes
+
+    def _release_quietly(self, entries):
+        try:
+            self._queue.release(entries, self.owner, glance_db.utcnow())
+        except Exception:
+            LOG.warning('Could not give back the due-queue leases')
 
     def _settle(self, entries, outcomes):
         done, failures, busy, renewed = [], [], {}, []
