@@ -17,6 +17,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
 from scrub_listener import exceptions
+from scrub_listener import redaction
 
 LOG = logging.getLogger(__name__)
 
@@ -24,16 +25,21 @@ SQLITE_BUSY_TIMEOUT = 30  # seconds a writer waits for the SQLite lock
 
 
 def create_engine(url, name):
-    """Return an Engine for ``url``; ``name`` says which DB in errors."""
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa_exc.ArgumentError as exc:
-        raise exceptions.ConfigError(
-            f'{name} connection URL is not valid: {exc}'
-        ) from exc
+    """Return an Engine for ``url``; ``name`` says which DB in errors.
+
+    No error quotes ``url``: it holds the database password.  Its
+    password is registered as a secret, masked in every output.
+    """
+    redaction.add_url_secret(url)
+    parsed = _parse(url, name)
+    redaction.add_secret(parsed.password)
+    # hide_parameters: statement parameters (location URLs, which may
+    # hold credentials) never go into exception texts, which reach logs,
+    # last_error and RPC replies, nor into SQL logging.
     if parsed.get_backend_name() == 'sqlite':
         engine = sa.create_engine(
             parsed,
+            hide_parameters=True,
             connect_args={
                 'timeout': SQLITE_BUSY_TIMEOUT,
                 'check_same_thread': False,
@@ -49,12 +55,40 @@ def create_engine(url, name):
         options['isolation_level'] = 'READ COMMITTED'
     try:
         return sa.create_engine(
-            parsed, pool_pre_ping=True, pool_size=10, **options
+            parsed,
+            pool_pre_ping=True,
+            pool_size=10,
+            hide_parameters=True,
+            **options,
         )
     except (ImportError, sa_exc.NoSuchModuleError) as exc:
         raise exceptions.ConfigError(
             f'{name} connection URL names a missing driver: {exc}'
         ) from exc
+
+
+def _parse(url, name):
+    """The URL parsed; ConfigError, never quoting it, when it is not valid."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa_exc.ArgumentError:
+        # from None, and not the parser's text: both may quote the URL.
+        raise exceptions.ConfigError(
+            f'{name} URL is not valid: expected '
+            'dialect+driver://user:password@host:port/database'
+        ) from None
+    except ValueError:
+        raise exceptions.ConfigError(
+            f'{name} URL is not valid: its port is not a number'
+        ) from None
+    if '@' in (parsed.host or ''):
+        # SQLAlchemy ends the password at its first "@" and takes the rest
+        # for the host name, which every connection error then prints.
+        raise exceptions.ConfigError(
+            f'{name} URL is not valid: its password holds an "@"; '
+            'percent-encode it as %40'
+        )
+    return parsed
 
 
 def _begin_immediate(engine):

@@ -16,6 +16,8 @@ Exit codes are part of the interface: admin scripts branch on them.
 ==  ==================================================================
 """
 
+from scrub_listener import redaction
+
 
 class ScrubListenerError(Exception):
     """Base class; ``str(exc)`` is the message shown to the operator.
@@ -23,14 +25,21 @@ class ScrubListenerError(Exception):
     Built from keyword arguments (``kwargs`` is kept) so that
     oslo.messaging can carry it over RPC and rebuild the same type on the
     client: it calls ``cls(*exc.args, **exc.kwargs)``.
+
+    The message and the text arguments are redacted when the error is
+    built (URL credentials, configured secrets masked): they are logged,
+    stored as ``last_error``, printed, and sent over RPC, often quoting a
+    location URL or a driver's error text.
     """
 
     exit_code = 1
     template = '{reason}'
 
     def __init__(self, message=None, **kwargs):
-        self.kwargs = kwargs
-        self.message = message or self.template.format(**kwargs)
+        self.kwargs = {key: _redacted(value) for key, value in kwargs.items()}
+        self.message = redaction.redact(
+            message or self.template.format(**self.kwargs)
+        )
         super().__init__(self.message)
 
     def __getattr__(self, name):
@@ -104,3 +113,9 @@ class StoreError(ScrubListenerError):
 
 class CorruptLocation(ScrubListenerError):
     """A location row that cannot be read (bad encryption, bad metadata)."""
+
+
+def _redacted(value):
+    # Only text can quote a secret; ids, counts and statuses pass as they
+    # are (the client rebuilds the error from them).
+    return redaction.redact(value) if isinstance(value, str) else value

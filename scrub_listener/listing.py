@@ -8,6 +8,8 @@ operator finds the id of an image to restore.
 import dataclasses
 import datetime
 
+from scrub_listener import redaction
+
 WAITING = 'waiting'
 DUE = 'due'
 IN_PROGRESS = 'in progress'
@@ -66,7 +68,9 @@ def _rows(images, queue, scrub_delta, now):
         if entry is not None:
             row.due_at = entry.due_at
             row.attempts = entry.attempts
-            row.last_error = entry.last_error
+            # Written by any version, any worker: redacted again here, as
+            # it leaves for the operator's screen or script.
+            row.last_error = redaction.redact(entry.last_error)
             row.next_attempt_at = entry.next_attempt_at
         row.state = _state(row, entry, now)
         yield row

@@ -1,5 +1,12 @@
-"""What both commands share: configuration, logging, error reporting."""
+"""What both commands share: configuration, logging, error reporting.
 
+Nothing a command writes may quote a secret (see
+:mod:`scrub_listener.redaction`): :func:`reports_errors` runs each
+command with its logs, stdout and stderr redacted, and the configured
+passwords and keys are registered as secrets as soon as they are read.
+"""
+
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -12,6 +19,7 @@ from scrub_listener import components
 from scrub_listener import exceptions
 from scrub_listener import glance_db
 from scrub_listener import opts
+from scrub_listener import redaction
 
 LOG = logging.getLogger(__name__)
 
@@ -56,6 +64,10 @@ def load_config(argv, prog, cli_opts=(), description=None):
         default_config_files=default_config_files(),
     )
     _check_values(conf)
+    # before logging starts: nothing logged may quote them
+    redaction.add_secret(conf.metadata_encryption_key)
+    redaction.add_url_secret(conf.database.connection)
+    redaction.add_url_secret(conf.scrub_queue.connection)
     logging.setup(conf, 'scrub-listener')
     return conf
 
@@ -91,8 +103,9 @@ def restore(conf, image_id, direct):
         from scrub_listener import rpc
         from scrub_listener import service
 
-        service.set_messaging_defaults(conf)
-        client = rpc.Client(conf)
+        with messaging_config(conf):
+            service.set_messaging_defaults(conf)
+            client = rpc.Client(conf)
         try:
             result = client.restore(image_id)
         finally:
@@ -106,30 +119,67 @@ def restore(conf, image_id, direct):
     return 0
 
 
+@contextlib.contextmanager
+def messaging_config(conf):
+    """Around building oslo.messaging transports from ``conf``.
+
+    Registers the broker passwords as secrets first (oslo.messaging's own
+    options, registered here ahead of it: their values are needed before
+    a transport exists), and turns a malformed ``transport_url`` into a
+    ConfigError instead of a traceback.
+    """
+    import oslo_messaging
+    from oslo_messaging import opts as messaging_opts
+
+    for group, group_opts in messaging_opts.list_opts():
+        if group in (None, 'oslo_messaging_notifications'):
+            conf.register_opts(group_opts, group=group)
+    redaction.add_url_secret(conf.transport_url)
+    redaction.add_url_secret(conf.oslo_messaging_notifications.transport_url)
+    try:
+        yield
+    except (
+        ValueError,  # e.g. a port that is not a number
+        oslo_messaging.InvalidTransportURL,
+        oslo_messaging.DriverLoadFailure,
+    ) as exc:
+        raise exceptions.ConfigError(
+            f'[DEFAULT] transport_url is not valid: {exc}'
+        ) from None
+
+
 def _fail(message, code):
-    print(f'ERROR: {message}', file=sys.stderr)
+    print(f'ERROR: {redaction.redact(message)}', file=sys.stderr)
     return code
 
 
 def reports_errors(main):
-    """Turn known failures into one ``ERROR:`` line and an exit code."""
+    """Turn known failures into one ``ERROR:`` line and an exit code.
+
+    The command runs with its logs, stdout and stderr redacted.
+    """
 
     @functools.wraps(main)
     def wrapper(argv=None):
-        try:
-            return main(sys.argv[1:] if argv is None else argv)
-        except exceptions.ScrubListenerError as exc:
-            # .message: an error rebuilt from RPC has the remote traceback
-            # appended to str(exc).
-            return _fail(getattr(exc, 'message', exc), exc.exit_code)
-        except cfg.Error as exc:
-            return _fail(exc, exceptions.ConfigError.exit_code)
-        except sa_exc.OperationalError as exc:
-            return _fail(
-                f'database error: {exc.orig}',
-                exceptions.DatabaseUnavailable.exit_code,
-            )
-        except KeyboardInterrupt:
-            return _fail('interrupted', 130)
+        with redaction.redacted_output():
+            return _run(main, sys.argv[1:] if argv is None else argv)
 
     return wrapper
+
+
+def _run(main, argv):
+    try:
+        return main(argv)
+    except exceptions.ScrubListenerError as exc:
+        # .message: an error rebuilt from RPC has the remote traceback
+        # appended to str(exc).
+        return _fail(getattr(exc, 'message', exc), exc.exit_code)
+    except cfg.Error as exc:
+        return _fail(exc, exceptions.ConfigError.exit_code)
+    except sa_exc.OperationalError as exc:
+        return _fail(
+            f'database error: {exc.orig}',
+            exceptions.DatabaseUnavailable.exit_code,
+        )
+    except KeyboardInterrupt:
+        return _fail('interrupted', 130)

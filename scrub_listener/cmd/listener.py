@@ -65,7 +65,8 @@ def _serve(conf, parts):
     )
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: events.put(signum))
-    server.start()
+    with common.messaging_config(conf):
+        server.start()
     while (event := events.get()) == signal.SIGHUP:
         server.reload()
     # graceful_shutdown_timeout bounds stop(); deletes still running

@@ -7,6 +7,7 @@ from sqlalchemy import exc as sa_exc
 
 from scrub_listener import db
 from scrub_listener import exceptions
+from scrub_listener import redaction
 
 
 def _operational(text):
@@ -116,3 +117,80 @@ def test_other_operational_errors_pass_through():
     with pytest.raises(sa_exc.OperationalError):
         with db.translate_errors('Glance database', 'sqlite:///x'):
             raise _operational('no such column: foo')
+
+
+# -- secrets: statement parameters and passwords never reach a text
+
+
+SECRET = 'S3cr3t-91c2'
+
+
+@pytest.fixture
+def _no_secrets():
+    redaction.forget_secrets()
+    yield
+    redaction.forget_secrets()
+
+
+def test_statement_parameters_are_hidden_from_errors(tmp_path):
+    # Location URLs are statement parameters; a failed statement's text
+    # goes to logs, last_error and RPC replies.
+    engine = db.create_engine(f'sqlite:///{tmp_path / "x.db"}', 'test')
+    url = f's3://AKIA:{SECRET}@s3.example.com/bucket/obj'
+    with pytest.raises(sa_exc.OperationalError) as info:
+        with engine.connect() as conn:
+            conn.execute(
+                sa.text('SELECT * FROM nosuch WHERE v = :v'), {'v': url}
+            )
+    assert SECRET not in str(info.value)
+    assert 'hidden' in str(info.value)
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    'url',
+    [
+        'sqlite:///x.db',
+        'mysql+pymysql://glance:pw@db/glance',
+        'postgresql+psycopg2://glance:pw@db/glance',
+    ],
+)
+def test_every_engine_hides_parameters(url, _no_secrets):
+    engine = db.create_engine(url, 'test')
+    assert engine.hide_parameters is True
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ('url', 'reason'),
+    [
+        (f'mysql+pymysql://glance:{SECRET}@db:nope/glance', 'port'),
+        (f'mysql+pymysql://glance:p@{SECRET}@db/glance', '%40'),
+        (f'mysql+pymysql glance {SECRET}', 'dialect+driver://'),
+    ],
+    ids=['bad-port', 'raw-at-in-password', 'not-a-url'],
+)
+def test_bad_urls_never_quote_the_password(url, reason, _no_secrets):
+    with pytest.raises(exceptions.ConfigError) as info:
+        db.create_engine(url, '[database] connection')
+    text = str(info.value)
+    assert SECRET not in text and reason in text, text
+    assert info.value.__cause__ is None  # no traceback holding the URL
+
+
+def test_the_password_is_a_registered_secret(_no_secrets):
+    url = f'mysql+pymysql://glance:{SECRET}@db.example/glance'
+    db.create_engine(url, 'test').dispose()
+    # a driver's text quoting it, outside any URL, is masked too
+    assert redaction.redact(f'auth failed ({SECRET})') == 'auth failed (***)'
+
+
+def test_unreachable_database_error_is_redacted(_no_secrets):
+    url = f'mysql+pymysql://glance:{SECRET}@127.0.0.1:1/glance'
+    engine = db.create_engine(url, 'test')
+    with pytest.raises(exceptions.DatabaseUnavailable) as info:
+        with db.translate_errors('Glance database', url):
+            engine.connect()
+    assert SECRET not in str(info.value)
+    assert 'glance:***@127.0.0.1:1' in str(info.value)
+    engine.dispose()
