@@ -11,11 +11,13 @@ pending_delete, 6 data gone, 7 scrub in progress, 8 service unreachable,
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import time
 import uuid
 
+import kombu
 import oslo_messaging
 import pytest
 
@@ -478,3 +480,152 @@ def test_restore_with_the_glance_database_down_exits_3(
     )
     proxy.close()
     _assert_error(result, 3, 'database')
+
+
+# ------------------------------------------ a request delivered twice
+
+
+class RawRpc:
+    """RPC requests published with kombu, byte for byte as oslo.messaging
+    18.3.1's rabbit driver sends them (envelope 2.0, ``_unique_id``,
+    ``_context_*`` keys) to the control exchange ``openstack``, with our
+    own reply queue: so that a test can publish one request twice.
+    """
+
+    def __init__(self, transport_url, topic):
+        self.topic = topic
+        self.reply_q = harness.unique_name('sl_test_reply_')
+        self.connection = kombu.Connection(harness.amqp_url(transport_url))
+        channel = self.connection.channel()
+        # oslo.messaging replies through the default exchange, routing
+        # key = the reply queue's name
+        self.replies = kombu.Queue(
+            self.reply_q, durable=False, auto_delete=True
+        )(channel)
+        self.replies.declare()
+        self.producer = kombu.Producer(
+            channel,
+            exchange=sf.glance_exchange('openstack'),
+            auto_declare=False,
+        )
+
+    def request(self, method, context=None, **args):
+        """The decoded request of a call (publish it with ``send``)."""
+        msg = {
+            'method': method,
+            'args': args,
+            'version': '1.0',
+            '_msg_id': uuid.uuid4().hex,
+            '_reply_q': self.reply_q,
+            '_timeout': None,
+            '_unique_id': uuid.uuid4().hex,
+        }
+        context = {'user_identity': 'pytest', 'roles': ['admin']} | (
+            context or {}
+        )
+        msg.update((f'_context_{k}', v) for k, v in context.items())
+        return msg
+
+    def send(self, msg):
+        self.producer.publish(
+            json.dumps(sf.envelope(msg)),
+            routing_key=self.topic,
+            content_type='application/json',
+            content_encoding='utf-8',
+        )
+
+    def reply(self, msg, timeout):
+        """The reply to ``msg`` (a dict), or None after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            raw = self.replies.get(no_ack=True)
+            if raw is None:
+                time.sleep(0.05)
+                continue
+            body = json.loads(json.loads(raw.body)['oslo.message'])
+            if body.get('_msg_id') == msg['_msg_id'] and body.get('ending'):
+                return body
+        return None
+
+    def close(self):
+        self.connection.release()
+
+
+def test_a_request_delivered_twice_does_not_stop_the_rpc_server(
+    tmp_path, module_vhost, module_glance_mysql, services
+):
+    """A publisher's retry (or a redelivery) brings the same request, with
+    the same ``_unique_id``, twice.  oslo.messaging acks it and drops the
+    copy; our duplicate-ack fix for the notification listener must not ack
+    it a second time (that raised in the consumer and broke the RPC
+    consumer: nothing answered afterwards)."""
+    world = sf.make_world(tmp_path, module_vhost, module_glance_mysql)
+    svc = services(world.config(scrub_time=3600), env=world.env())
+    raw = RawRpc(module_vhost.transport_url, world.rpc_topic)
+    try:
+        first = raw.request('status')
+        raw.send(first)
+        reply = raw.reply(first, 15)
+        assert reply is not None, svc.log_tail()
+        assert (
+            reply['failure'] is None and reply['result']['scrub_time'] == 3600
+        )
+
+        raw.send(first)  # the very same request again
+
+        image_id = world.pending()
+        for method, args in (
+            ('status', {}),
+            ('restore', {'image_id': image_id}),
+        ):
+            again = raw.request(method, **args)
+            raw.send(again)
+            reply = raw.reply(again, 15)
+            assert reply is not None, (
+                f'no answer to {method} after a duplicate:\n{svc.log_tail()}'
+            )
+            assert reply['failure'] is None, reply['failure']
+        assert reply['result']['image_id'] == image_id
+        # the copy was seen and dropped (oslo.messaging's own log line)
+        assert svc.count(r'ignoring duplicate message') == 1, svc.log_tail()
+        assert 'MessageStateError' not in svc.log(), svc.log_tail()
+        assert svc.alive()
+    finally:
+        raw.close()
+
+
+def test_an_oslo_messaging_of_another_shape_stops_the_start(
+    tmp_path, module_vhost, module_glance_mysql
+):
+    """The duplicate-ack fix checks what it relies on; the service does
+    not run without it (the listener would stall again), it says why."""
+    world = sf.make_world(tmp_path, module_vhost, module_glance_mysql)
+    config = sf.write_service_config(
+        tmp_path / 'service.conf', world.config(scrub_time=3600)
+    )
+    hooks = tmp_path / 'changed'
+    hooks.mkdir()
+    # a future oslo.messaging that caches notification ids on receipt
+    (hooks / 'sitecustomize.py').write_text(
+        'from oslo_messaging._drivers import amqpdriver\n'
+        'amqpdriver.NotificationAMQPListener.use_cache = True\n'
+    )
+
+    path = [str(hooks), os.environ.get('PYTHONPATH')]
+    rc, out, err, _ = sf.run_cli(
+        [],
+        config,
+        timeout=60,
+        env={'PYTHONPATH': os.pathsep.join(p for p in path if p)},
+        binary=sf.SERVICE,
+    )
+
+    assert rc == 2, err
+    assert 'Traceback' not in err, err
+    assert err.splitlines()[-1] == (
+        'ERROR: the installed oslo.messaging is not one scrub-listener was '
+        'checked against (14.0.0 to 18.3.1): NotificationAMQPListener '
+        'caches ids on receipt (use_cache). Install a version in that '
+        'range (see requirements.txt).'
+    )
+    assert 'scrub-listener started' not in err
