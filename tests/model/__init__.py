@@ -1,0 +1,1 @@
+"""Explicit-state models of scrub-listener's protocols (test code)."""
