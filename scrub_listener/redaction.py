@@ -29,12 +29,13 @@ import urllib.parse
 MASK = '***'
 
 # scheme://userinfo@...: the userinfo carries secrets.  It runs to the
-# *last* "@" of the URL: a password may hold "@", ":" or "/" (legacy S3
-# secret keys hold "/" and "+"), so masking stops only where the URL ends
-# (whitespace, a quote) or where the next URL starts.  An empty authority
-# ("file:///path") has no userinfo: its "@"s belong to the path.
+# *last* "@" of the URL: a password may hold "@", ":", "/" (legacy S3
+# secret keys hold "/" and "+"), even a quote, so masking stops only
+# where the URL ends (whitespace) or where the next URL starts.  At worst
+# it masks too much (an "@" further on), never too little.  An empty
+# authority ("file:///path") has no userinfo: its "@"s are the path's.
 _URL_USERINFO = re.compile(
-    r'(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?!/)(?:(?!://)[^\s\'"])*@'
+    r'(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?!/)(?:(?!://)\S)*@'
 )
 
 # A userinfo already masked by its writer: user name, then only the mask.
@@ -45,9 +46,7 @@ _MASKED_PASSWORD = re.compile(r'[^:@/]*:' + re.escape(MASK))
 # drivers print of a host.  A token of its own (start of text, or after
 # a blank, quote, bracket, "=" or ","), a user without ":" or "/", and
 # never "//" after the colon (that is a URL the pattern above handled).
-_BARE_USERINFO = re.compile(
-    r'(?<![^\s\'"(\[<=,])[^\s\'"/:@]+:(?!//)[^\s\'"]*@'
-)
+_BARE_USERINFO = re.compile(r'(?<![^\s\'"(\[<=,])[^\s\'"/:@]+:(?!//)\S*@')
 
 # Shorter secrets are not masked as literals: masking "ab" everywhere
 # would garble every log line (URLs still mask them, as userinfo).
@@ -138,11 +137,22 @@ _handler_format = logging.Handler.format
 
 
 def _redacting_format(self, record):
-    text = _handler_format(self, record)
+    formatted = _handler_format(self, record)
     # Some handlers (journald) also ship the traceback on its own.
     if record.exc_text:
         record.exc_text = redact(record.exc_text)
-    return redact(text)
+    return _redact_formatted(formatted)
+
+
+def _redact_formatted(value):
+    # Formatters return text, except oslo.log's fluentd one: a dict.
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_formatted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_formatted(v) for v in value]
+    return value
 
 
 def install():

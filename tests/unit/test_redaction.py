@@ -23,6 +23,7 @@ from scrub_listener import redaction
 from scrub_listener.cmd import common
 
 SECRET = 'S3cr3t-7f0d2c'
+SECRET_URL = f's3://AKIA:{SECRET}@h/b/o'
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +58,11 @@ def _clean_state():
         (
             f's3+https://AKIA:ab/{SECRET}+c/d@s3.example.com/b/o',
             's3+https://***@s3.example.com/b/o',
+        ),
+        # quotes and backslashes (JSON, repr) inside a password
+        (
+            f's3://AKIA:a"b\\\'{SECRET}@s3.example.com/b/o',
+            's3://***@s3.example.com/b/o',
         ),
         # percent-encoded userinfo
         (
@@ -219,6 +225,20 @@ def test_oslo_log_error_summary_is_redacted():
         log.warning('broker trouble')
     assert SECRET not in stream.getvalue()
     assert 'broker trouble' in stream.getvalue()
+
+
+def test_structured_formatters_keep_their_shape():
+    # oslo.log's fluentd formatter returns a dict, not text.
+    redaction.install()
+    handler = logging.Handler()
+    handler.setFormatter(formatters.FluentFormatter())
+    record = logging.LogRecord(
+        'x', logging.ERROR, __file__, 1, 'failed on %s', (SECRET_URL,), None
+    )
+    formatted = handler.format(record)
+    assert isinstance(formatted, dict)
+    assert formatted['message'] == 'failed on s3://***@h/b/o'
+    assert SECRET not in repr(formatted)
 
 
 def test_install_is_idempotent():
