@@ -49,7 +49,9 @@ _MASKED_PASSWORD = re.compile(r'[^:@/]*:' + re.escape(MASK))
 _BARE_USERINFO = re.compile(r'(?<![^\s\'"(\[<=,])[^\s\'"/:@]+:(?!//)\S*@')
 
 # Shorter secrets are not masked as literals: masking "ab" everywhere
-# would garble every log line (URLs still mask them, as userinfo).
+# would garble every log line (URLs still mask them, as userinfo).  For
+# the same reason a literal is masked only where it is not part of a
+# longer word: a weak password "glance" leaves "glance_store" readable.
 MIN_SECRET_LENGTH = 4
 
 _secrets = set()
@@ -106,7 +108,17 @@ def add_secret(value):
             return
         _secrets.update(f for f in forms if len(f) >= MIN_SECRET_LENGTH)
         ordered = sorted(_secrets, key=len, reverse=True)
-        _literal = re.compile('|'.join(re.escape(s) for s in ordered))
+        _literal = re.compile('|'.join(_literal_pattern(s) for s in ordered))
+
+
+def _literal_pattern(secret):
+    """``secret`` as a regex, not matching inside a longer word."""
+    pattern = re.escape(secret)
+    if re.match(r'\w', secret):
+        pattern = r'(?<!\w)' + pattern
+    if re.match(r'\w', secret[-1]):
+        pattern += r'(?!\w)'
+    return pattern
 
 
 def add_url_secret(url):

@@ -157,6 +157,18 @@ def test_registered_secret_is_masked_anywhere():
     )
 
 
+def test_registered_secret_inside_a_longer_word_is_left():
+    redaction.add_url_secret('mysql+pymysql://glance:glance@db/glance')
+    assert redaction.redact('glance_store: glance refused') == (
+        'glance_store: *** refused'
+    )
+
+
+def test_secret_with_punctuation_at_its_ends_is_masked_anywhere():
+    redaction.add_secret('!pw-7!')
+    assert redaction.redact('user=x!pw-7!y') == 'user=x***y'
+
+
 def test_url_secret_is_registered_in_every_form():
     redaction.add_url_secret(f'mysql+pymysql://glance:p%40{SECRET}@db/g')
     assert redaction.redact(f'password p@{SECRET}') == 'password ***'
