@@ -57,10 +57,12 @@ only: Glance never reads those, so the extra states are invisible to it):
 * **renew** (t): re-stamp the rows still ``scrubbing:t``; the worker
   learns exactly which rows are still its own.
 * **finish** (t): only rows still ``scrubbing:t`` move.  Delete returned
-  ok (or shared) → ``deleted``.  Delete returned an error, or never
-  started → ``pending_delete`` if the claim was clean, else
-  ``scrub_interrupted``.  Delete started and not returned (interrupted)
-  → ``scrub_interrupted``.  The image → ``deleted`` once none of its rows
+  ok (or shared) → ``deleted``.  The store refused cleanly (it says the
+  data is intact), or the delete never started → ``pending_delete`` if
+  the claim was clean, else ``scrub_interrupted``.  Any other outcome —
+  an error that does not prove the data intact (a timeout, a delete that
+  stopped half-way), or a delete started and never returned (Ctrl-C, a
+  stop) → ``scrub_interrupted``.  The image → ``deleted`` once none of its rows
   is ``pending_delete``/``scrubbing``/``scrub_interrupted``.
 * **restore**: refuse unless the image is ``pending_delete`` and every
   location row of that deletion is ``pending_delete`` (``scrubbing`` →
@@ -73,8 +75,9 @@ only: Glance never reads those, so the extra states are invisible to it):
 **Why it holds.**  ``pending_delete`` means "no delete can be running":
 Glance puts rows there before any claim, and finish puts a row back only
 when the claim was clean (it came from ``pending_delete``, so no earlier
-delete can be running) and the worker's own delete has returned, or never
-started — and the token proves nobody took the row over meanwhile.  Every
+delete can be running) and the worker's own delete was refused with the
+data intact, or never started — and the token proves nobody took the row
+over meanwhile.  Every
 other way out of ``scrubbing`` leads to ``deleted`` or
 ``scrub_interrupted``, which restore refuses.  So a takeover, however
 early (a skewed clock, a paused worker), can make two workers delete the
@@ -123,9 +126,9 @@ class Verdict(enum.Enum):
     """What became of one claimed location's store delete."""
 
     GONE = 'gone'  # deleted, already gone, or kept because shared
-    FAILED = 'failed'  # the store said no; our delete has returned
+    FAILED = 'failed'  # refused, the data left intact; nothing running
     NOT_STARTED = 'not started'  # cancelled before it began
-    UNKNOWN = 'unknown'  # started and never returned (interrupted)
+    UNKNOWN = 'unknown'  # an error or no answer: data may be (going) gone
 
 
 def claimed_status(token):
@@ -308,15 +311,28 @@ class PendingImage:
     locations: int
 
 
+_CANONICAL_UUID = re.compile(
+    r'[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-'
+    r'[0-9a-fA-F]{12}'
+)
+_SHOWN = 40  # characters of a refused id quoted back
+
+
 def validate_image_id(image_id):
-    """Glance image ids are UUIDs; refuse anything else before any query."""
-    try:
-        uuid.UUID(str(image_id))
-    except (TypeError, ValueError, AttributeError):
-        raise exceptions.InvalidImageId(image_id=image_id) from None
-    if len(str(image_id)) > 36:
-        raise exceptions.InvalidImageId(image_id=image_id)
-    return str(image_id)
+    """Glance image ids are canonical UUIDs; refuse anything else.
+
+    Checked before any query or log line: ``uuid.UUID`` alone also takes
+    braces, a ``urn:`` prefix, no dashes and surrounding whitespace
+    (a newline that would forge a log line).  A refused id is quoted
+    back cut to a few characters, whatever its length.
+    """
+    text = str(image_id) if isinstance(image_id, (str, uuid.UUID)) else None
+    if text is None or not _CANONICAL_UUID.fullmatch(text):
+        shown = image_id if isinstance(image_id, str) else repr(image_id)
+        if len(shown) > _SHOWN:
+            shown = f'{shown[:_SHOWN]}... ({len(shown)} characters)'
+        raise exceptions.InvalidImageId(image_id=shown)
+    return text
 
 
 def decrypt_location(key, ciphertext):

@@ -200,9 +200,13 @@ class Scrubber:
             return LocationResult(glance_db.Verdict.GONE)
         try:
             result = self._stores.delete(location)
-        except (exceptions.StoreError, exceptions.LocationRefused) as exc:
+        except exceptions.LocationRefused as exc:
+            # refused before the store was called: nothing was touched
             LOG.error('Image %s: %s', location.image_id, exc)
             return LocationResult(glance_db.Verdict.FAILED, reason=str(exc))
+        except exceptions.StoreError as exc:
+            LOG.error('Image %s: %s', location.image_id, exc)
+            return LocationResult(_failure_verdict(exc), reason=str(exc))
         except Exception as exc:
             # Never the batch: one location fails, with what went wrong.
             reason = redaction.redact(
@@ -210,7 +214,7 @@ class Scrubber:
                 f'{type(exc).__name__}: {exc}'
             )
             LOG.exception('Image %s: %s', location.image_id, reason)
-            return LocationResult(glance_db.Verdict.FAILED, reason=reason)
+            return LocationResult(glance_db.Verdict.UNKNOWN, reason=reason)
         LOG.debug(
             'Image %s location %s: %s', location.image_id, location.id, result
         )
@@ -243,6 +247,20 @@ class Scrubber:
             outcome.status = FAILED
             outcome.reason = '; '.join(reasons)
         return outcome
+
+
+def _failure_verdict(exc):
+    """FAILED only when the store says the data was left intact.
+
+    A timeout, a lost connection or a multi-step delete that stopped
+    half-way (RBD unprotects and removes the snapshot before it fails on a
+    busy image) is an error while the data may be partly gone, or still
+    going: UNKNOWN, which is never revived.  The store adapter knows which
+    errors are clean refusals (``StoreError(..., data_intact=True)``).
+    """
+    if getattr(exc, 'data_intact', False):
+        return glance_db.Verdict.FAILED
+    return glance_db.Verdict.UNKNOWN
 
 
 def _pairs(locations, results):

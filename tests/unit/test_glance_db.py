@@ -909,3 +909,24 @@ def test_image_whose_encryption_key_glance_deleted_is_not_restored(
         gdb.restore(image, _verify_files, 60)
     assert 'encryption key' in str(info.value)
     assert _snapshot(glance, image) == before
+
+
+@pytest.mark.parametrize(
+    'image_id',
+    [
+        '\n' + str(uuid.uuid4())[1:],
+        str(uuid.uuid4()) + '\n',
+        '{' + uuid.uuid4().hex + '}',
+        uuid.uuid4().hex,
+    ],
+)
+def test_validate_image_id_wants_the_canonical_form(image_id):
+    with pytest.raises(exceptions.InvalidImageId):
+        glance_db.validate_image_id(image_id)
+
+
+def test_a_huge_refused_image_id_is_quoted_short():
+    with pytest.raises(exceptions.InvalidImageId) as info:
+        glance_db.validate_image_id('f' * 100_000)
+    assert len(str(info.value)) < 120
+    assert '100000 characters' in str(info.value)

@@ -47,7 +47,9 @@ def test_one_failing_location_keeps_the_image_pending(glance, scrub, stores):
     image = glance.make_image()
     bad_url = glance.write_file('bad')
     bad = glance.add_location(image, bad_url, status='pending_delete')
-    stores.fail[bad_url] = exceptions.StoreError('location x: disk on fire')
+    stores.fail[bad_url] = exceptions.StoreError(
+        'location x: disk on fire', data_intact=True
+    )
     other = glance.make_image()
 
     [failed, ok] = scrub.scrub(
@@ -299,7 +301,31 @@ def test_an_unexpected_store_exception_fails_one_location_only(
     assert f'location {bad_row.id}' in failed.reason
     assert 'ValueError' in failed.reason
     assert ok.status == scrubber.SCRUBBED
-    assert glance.locations(bad)[0].status == 'pending_delete'
+    # nobody knows what the store did: never revived, retried at once
+    assert glance.locations(bad)[0].status == 'scrub_interrupted'
+
+
+@pytest.mark.parametrize(
+    'error, status',
+    [
+        (exceptions.StoreError('refused', data_intact=True), 'pending_delete'),
+        (exceptions.StoreError('timed out'), 'scrub_interrupted'),
+        (exceptions.LocationRefused('outside the stores'), 'pending_delete'),
+        (TimeoutError('read timed out'), 'scrub_interrupted'),
+    ],
+)
+def test_only_a_clean_refusal_keeps_the_data_revivable(
+    glance, scrub, stores, error, status
+):
+    """A store error is not proof that the data is intact (a timeout, a
+    delete that stopped half-way): only the store adapter's clean
+    refusals hand the row back to pending_delete."""
+    image = glance.make_image()
+    [row] = glance.locations(image)
+    stores.fail[row.value] = error
+    [outcome] = scrub.scrub([glance.deletion(image)])
+    assert outcome.status == scrubber.FAILED
+    assert glance.locations(image)[0].status == status
 
 
 def test_interrupt_marks_running_deletes_interrupted_and_returns_the_rest(
