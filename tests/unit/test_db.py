@@ -1,5 +1,7 @@
 """scrub_listener.db: engines, SQLite BEGIN IMMEDIATE, deadlock retry."""
 
+import logging
+
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -144,6 +146,20 @@ def test_statement_parameters_are_hidden_from_errors(tmp_path):
             )
     assert SECRET not in str(info.value)
     assert 'hidden' in str(info.value)
+    engine.dispose()
+
+
+def test_sql_logging_hides_parameters(tmp_path, caplog):
+    # An operator who turns on sqlalchemy.engine=INFO (default_log_levels)
+    # sees the statements, not the location URLs bound to them.
+    engine = db.create_engine(f'sqlite:///{tmp_path / "x.db"}', 'test')
+    url = f's3://AKIA:{SECRET}@s3.example.com/bucket/obj'
+    with caplog.at_level(logging.INFO, logger='sqlalchemy.engine'):
+        with engine.connect() as conn:
+            conn.execute(sa.text('SELECT :v'), {'v': url}).all()
+    assert 'SELECT ?' in caplog.text
+    assert 'hidden' in caplog.text
+    assert SECRET not in caplog.text
     engine.dispose()
 
 
