@@ -599,6 +599,9 @@ class GlanceDB:
         (``self.process.drop(token)``).
         """
         token = token or self.process.new_token()
+        # Key new live rows before taking any lock: keying a file resolves
+        # its path, which a slow mount would make slow under our locks.
+        self._live_data.warm(self.engine)
         return db.with_deadlock_retry(
             lambda: self._claim(deletions, now or utcnow(), token)
         )
@@ -1157,6 +1160,17 @@ class _LiveDataIndex:
         self._db = glance_db
         self._lock = threading.Lock()
         self._cache = {}  # location id -> (value, key)
+
+    def warm(self, engine):
+        """Fill an empty cache outside any transaction.
+
+        The first fill keys every live row (a realpath each for files);
+        later claims key only the few rows added since, under the locks.
+        """
+        if self._cache:
+            return
+        with engine.connect() as conn:
+            self.keys(conn)
 
     def keys(self, conn):
         """The set of data keys live locations name, read in ``conn``."""

@@ -583,6 +583,19 @@ def delete_vhost(name):
 ALLOW_ALL_POLICY = {'default': '', 'context_is_admin': '', 'service_api': ''}
 
 
+DATADIR_MARKER = '.scrub-listener-mounted'
+
+
+def make_datadir(path):
+    """A file store data directory as docs/store-trust.md recommends it:
+    with a marker file, so that an empty store is never taken for an
+    unmounted one (scrub-listener then distrusts "not found")."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, DATADIR_MARKER), 'a'):
+        pass
+    return str(path)
+
+
 def free_port():
     """A TCP port that was free a moment ago on 127.0.0.1."""
     with socket.socket() as s:
@@ -747,10 +760,11 @@ class GlanceApi:
         return sections
 
     def write_config(self):
-        for sub in ('etc', 'images', 'staging', 'tasks', 'locks'):
+        for sub in ('etc', 'staging', 'tasks', 'locks'):
             os.makedirs(os.path.join(self.workdir, sub), exist_ok=True)
+        make_datadir(self.store_dir)
         for name in self.extra_backends:
-            os.makedirs(self.store_dir_of(name), exist_ok=True)
+            make_datadir(self.store_dir_of(name))
         shutil.copyfile(
             glance_paste_ini(),
             os.path.join(self.config_dir, 'glance-api-paste.ini'),

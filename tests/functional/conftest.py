@@ -168,8 +168,9 @@ class Env:
         self.store2_dir = str(tmp_path / 'images2')
         self.outside_dir = str(tmp_path / 'elsewhere')
         self.state_path = str(tmp_path / 'state')
-        for path in (self.store_dir, self.store2_dir, self.outside_dir):
-            os.makedirs(path, exist_ok=True)
+        for path in (self.store_dir, self.store2_dir):
+            harness.make_datadir(path)
+        os.makedirs(self.outside_dir, exist_ok=True)
         self.config_file = str(tmp_path / 'scrub-listener.conf')
         self.configure()
         meta = sa.MetaData()

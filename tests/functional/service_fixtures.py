@@ -962,7 +962,7 @@ class World:
 
 def make_world(tmp_path, vhost, glance_url):
     store_dir = tmp_path / 'images'
-    store_dir.mkdir(exist_ok=True)
+    harness.make_datadir(store_dir)
     deletes = DeleteLog(tmp_path / 'deletes.log')
     hook_env = write_hooks(tmp_path / 'hooks')
     hook_env['SL_TEST_DELETE_LOG'] = deletes.path

@@ -376,7 +376,7 @@ class Cluster:
         self.engine = sa.create_engine(glance_url, poolclass=pool.NullPool)
         self.tmp = str(tmp_path)
         self.store_dir = os.path.join(self.tmp, 'images')
-        os.makedirs(self.store_dir)
+        harness.make_datadir(self.store_dir)
         self.hook_dir = os.path.join(self.tmp, 'hook')
         os.makedirs(self.hook_dir)
         with open(os.path.join(self.hook_dir, 'sitecustomize.py'), 'w') as f:
