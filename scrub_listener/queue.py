@@ -30,6 +30,7 @@ from sqlalchemy.dialects import sqlite
 
 from scrub_listener import db
 from scrub_listener import glance_db
+from scrub_listener import redaction
 
 WHOLE_IMAGE = 0  # location_id of an image deletion (NULLs are not unique)
 
@@ -273,7 +274,9 @@ class DueQueue:
                 )
                 .values(
                     attempts=attempts,
-                    last_error=reason[:4000],
+                    # masked before the cut: a URL cut before its '@'
+                    # could not be masked afterwards
+                    last_error=redaction.redact(reason)[:4000],
                     next_attempt_at=now + self.backoff(attempts),
                     lease_owner=None,
                     lease_expires=None,

@@ -34,7 +34,10 @@ MASK = '***'
 # where the URL ends (whitespace) or where the next URL starts.  At worst
 # it masks too much (an "@" further on), never too little.  An empty
 # authority ("file:///path") has no userinfo: its "@"s are the path's.
+# The scheme starts where a word starts: tried at every position, a long
+# run of letters made the search quadratic (100 KB of them: 17 s).
 _URL_USERINFO = re.compile(
+    r'(?<![A-Za-z0-9+.-])'
     r'(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?!/)(?:(?!://)\S)*@'
 )
 

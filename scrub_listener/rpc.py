@@ -201,6 +201,10 @@ class ScrubListenerAPI:
         )
         try:
             result = self._restorer.restore(image_id, requested_by=caller.who)
+        except exceptions.ScrubListenerError as exc:
+            # Rebuilt without its chained causes: the reply carries the
+            # traceback, and a cause may quote a driver's text.
+            raise type(exc)(exc.message, **exc.kwargs) from None
         except sa_exc.SQLAlchemyError as exc:
             # Only our own exception types cross the wire with their
             # meaning (and exit code); a database error would arrive as an
@@ -208,7 +212,7 @@ class ScrubListenerAPI:
             raise exceptions.DatabaseUnavailable(
                 f'database error during restore: '
                 f'{getattr(exc, "orig", None) or exc}'
-            ) from exc
+            ) from None
         reply = dataclasses.asdict(result)
         if result.deleted_at is not None:
             reply['deleted_at'] = result.deleted_at.isoformat() + 'Z'
