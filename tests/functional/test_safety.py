@@ -7,6 +7,7 @@ what is left: rows, files, exit codes, and whether a restore would bring
 back an image whose data may still be deleted.
 """
 
+import datetime
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from tests.functional import service_fixtures as sf
 from tests.functional.conftest import SCRUB_LISTENER
 from tests.functional.conftest import assert_ok
 from tests.functional.conftest import assert_summary
+from tests.functional.conftest import utcnow
 
 
 def _slow_sweep(env, tmp_path, delay):
@@ -110,3 +112,54 @@ def test_restart_after_sigkill_takes_over_its_own_claims_at_once(
     assert_summary(result, scrubbed=4, failed=0)
     for image_id in images:
         env.assert_scrubbed(image_id)
+
+
+def test_a_stopped_worker_whose_claim_was_taken_over_never_revives_data(
+    env, tmp_path, undeletable
+):
+    """Issue 7, finding 1, with real processes: worker A claims, starts
+    its store delete and is stopped (SIGSTOP) past lease_time; worker B
+    takes the claim over and its delete fails; a restore is refused
+    (the row is scrub_interrupted, not pending_delete); A resumes and its
+    delete completes: the image is still pending_delete, never active
+    without data, and the next pass finishes it."""
+    env.configure(
+        extra={
+            'scrubber': {'lease_time': 10},
+            'scrub_queue': {'retry_backoff': 1},
+        }
+    )
+    image_id = env.make_image()
+    a, deletes = _slow_sweep(env, tmp_path, delay=2)
+    try:
+        _wait_for_deletes_in_flight(a, deletes, 1)
+        a.send_signal(signal.SIGSTOP)
+        [row] = env.locations(image_id)
+        claimed_at = row['updated_at']
+        # why a wait on the clock: lease expiry is a wall-clock time
+        sf.wait_until(
+            lambda: utcnow() > claimed_at + datetime.timedelta(seconds=11),
+            30,
+        )
+        undeletable(env.store_dir)  # B's store delete fails
+        b = env.sweep()
+        assert b.returncode == 1, str(b)
+        assert_summary(b, scrubbed=0, failed=1)
+        assert _statuses(env, image_id) == ['scrub_interrupted']
+
+        refused = env.restore(image_id)
+        assert refused.returncode == 6, str(refused)
+        assert env.image(image_id)['status'] == 'pending_delete'
+    finally:
+        undeletable.unlock()
+        a.send_signal(signal.SIGCONT)
+    a.communicate(timeout=60)
+    # A's delete went through after all; its finish moved nothing
+    assert deletes.calls('ok'), deletes.events()
+    assert not os.path.exists(env.data_path(image_id))
+    assert env.image(image_id)['status'] == 'pending_delete'
+    assert _statuses(env, image_id) == ['scrub_interrupted']
+
+    # B's failure backs its entry off for a second: retried after that
+    sf.wait_until(lambda: env.sweep().returncode == 0, 60)
+    env.assert_scrubbed(image_id)
