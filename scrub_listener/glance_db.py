@@ -1139,6 +1139,15 @@ def _is_lock_timeout(exc):
     )
 
 
+_LIVE_FINGERPRINT = sa.select(
+    sa.func.count(),
+    sa.func.coalesce(sa.func.sum(LOCATIONS.c.id), 0),
+    sa.func.max(LOCATIONS.c.id),
+    sa.func.max(LOCATIONS.c.updated_at),
+    sa.func.coalesce(sa.func.sum(sa.func.length(LOCATIONS.c.value)), 0),
+).where(LOCATIONS.c.deleted == sa.false())
+
+
 def _plain_key(uri):
     """The default data key: the URI itself (tests without stores)."""
     return uri
@@ -1150,16 +1159,24 @@ class _LiveDataIndex:
     "Does a live location point at this data?" cannot be asked in SQL:
     URLs are compared by what they name (``data_key``), and with
     ``metadata_encryption_key`` the same URL never encrypts the same way.
-    So each claim reads the ``(id, value)`` of every live row (no
-    watermark, no time margin: a row revived by a restore is seen
-    whatever its timestamps) and keys only the rows it has not seen with
-    that value (decrypting, resolving paths), from a cache.
+    So the ``(id, value)`` of every live row is read and keyed (decrypting,
+    resolving paths), each ``(id, value)`` once per process, from a cache.
+
+    Reading 100,000 live rows for every claimed batch is what made a
+    sweep 3× slower, so each claim first asks the database for a
+    fingerprint of the live rows (count, sum and max of the ids, newest
+    ``updated_at``, total URL length; one aggregate, computed by the
+    server) and reads the rows again only when it changed.  No watermark,
+    no time margin: a row inserted out of order or revived by a restore
+    changes the count or the id sum, whatever its timestamps.
     """
 
     def __init__(self, glance_db):
         self._db = glance_db
         self._lock = threading.Lock()
         self._cache = {}  # location id -> (value, key)
+        self._fingerprint = None
+        self._keys = frozenset()
 
     def warm(self, engine):
         """Fill an empty cache outside any transaction.
@@ -1174,6 +1191,10 @@ class _LiveDataIndex:
 
     def keys(self, conn):
         """The set of data keys live locations name, read in ``conn``."""
+        fingerprint = tuple(conn.execute(_LIVE_FINGERPRINT).one())
+        with self._lock:
+            if fingerprint == self._fingerprint:
+                return self._keys
         rows = conn.execute(
             sa.select(LOCATIONS.c.id, LOCATIONS.c.value).where(
                 LOCATIONS.c.deleted == sa.false()
@@ -1187,7 +1208,9 @@ class _LiveDataIndex:
                     cached = (row.value, self._key(row.value))
                 fresh[row.id] = cached
             self._cache = fresh
-        return {key for _, key in fresh.values()}
+            self._keys = frozenset(key for _, key in fresh.values())
+            self._fingerprint = fingerprint
+            return self._keys
 
     def _key(self, value):
         try:
