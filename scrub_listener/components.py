@@ -55,7 +55,7 @@ def build(conf, with_stores=True):
         _glance_engine(conf),
         encryption_key=conf.metadata_encryption_key,
         lease_time=conf.scrubber.lease_time,
-        data_key=getattr(store, 'data_key', None),
+        data_key=store.data_key,
         process=process,
     )
     due_queue = queue.DueQueue(

@@ -599,12 +599,16 @@ class GlanceDB:
         (``self.process.drop(token)``).
         """
         token = token or self.process.new_token()
-        # Key new live rows before taking any lock: keying a file resolves
-        # its path, which a slow mount would make slow under our locks.
-        self._live_data.warm(self.engine)
-        return db.with_deadlock_retry(
-            lambda: self._claim(deletions, now or utcnow(), token)
-        )
+        try:
+            # Key the live rows before taking any lock: keying a file
+            # resolves its path, which a slow mount makes slow.
+            self._live_data.warm(self.engine)
+            return db.with_deadlock_retry(
+                lambda: self._claim(deletions, now or utcnow(), token)
+            )
+        except BaseException:
+            self.process.drop(token)  # nothing was claimed with it
+            raise
 
     def _claim(self, deletions, now, token):
         with self.engine.begin() as conn:
