@@ -309,6 +309,8 @@ class PendingImage:
     visibility: str | None
     deleted_at: datetime.datetime
     locations: int
+    # locations whose scrub was cut short: the image can never be restored
+    interrupted: int = 0
 
 
 _CANONICAL_UUID = re.compile(
@@ -524,15 +526,18 @@ class GlanceDB:
         self, page_size=500, owner=None, name=None, deleted_since=None
     ):
         """Yield every pending_delete image (due or not), for listings."""
-        loc_count = (
-            sa.select(sa.func.count())
-            .where(
-                LOCATIONS.c.image_id == IMAGES.c.id,
-                LOCATIONS.c.deleted == sa.true(),
-                _unfinished(),
+
+        def count(condition):
+            return (
+                sa.select(sa.func.count())
+                .where(
+                    LOCATIONS.c.image_id == IMAGES.c.id,
+                    LOCATIONS.c.deleted == sa.true(),
+                    condition,
+                )
+                .scalar_subquery()
             )
-            .scalar_subquery()
-        )
+
         query = (
             sa.select(
                 IMAGES.c.id,
@@ -541,7 +546,8 @@ class GlanceDB:
                 IMAGES.c.size,
                 IMAGES.c.visibility,
                 _deletion_time_column().label('deleted_at'),
-                loc_count.label('locations'),
+                count(_unfinished()).label('locations'),
+                count(LOCATIONS.c.status == INTERRUPTED).label('interrupted'),
             )
             .where(IMAGES.c.status == PENDING_DELETE)
             .order_by(IMAGES.c.id)

@@ -15,6 +15,8 @@ DUE = 'due'
 IN_PROGRESS = 'in progress'
 FAILED = 'failed'
 NOT_QUEUED = 'not queued'
+# a scrub of it was cut short: restore refuses it (docs/safety.md)
+INTERRUPTED = 'interrupted'
 
 
 @dataclasses.dataclass
@@ -73,6 +75,8 @@ def _rows(images, queue, scrub_delta, now):
             row.last_error = redaction.redact(entry.last_error)
             row.next_attempt_at = entry.next_attempt_at
         row.state = _state(row, entry, now)
+        if image.interrupted and row.state != IN_PROGRESS:
+            row.state = INTERRUPTED
         yield row
 
 

@@ -77,6 +77,9 @@ def test_ctrl_c_during_sweep_once_never_revives_data_being_deleted(
     interrupted = [i for i, s in statuses.items() if 'scrub_interrupted' in s]
     assert len(interrupted) == 2, statuses  # the two in flight
     assert everything.count('pending_delete') == 4, statuses
+    listed = env.list_json()
+    shown = {i for i, row in listed.items() if row['state'] == 'interrupted'}
+    assert shown == set(interrupted)
     for image_id in interrupted:
         result = env.restore(image_id)
         assert result.returncode == 6, str(result)

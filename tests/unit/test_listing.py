@@ -93,3 +93,14 @@ def test_as_json(glance, gdb, due_queue):
     assert data['deleted_at'].endswith('Z')
     assert datetime.datetime.fromisoformat(data['due_at'][:-1]) == row.due_at
     assert data['next_attempt_at'] is None
+
+
+def test_an_interrupted_scrub_shows_as_interrupted(glance, gdb, due_queue):
+    """Restore refuses it for good (docs/safety.md): list says so."""
+    image = glance.make_image()
+    [row] = glance.locations(image)
+    glance.update('image_locations', row.id, status='scrub_interrupted')
+    other = glance.make_image()
+    states = {i: r.state for i, r in _rows(glance, gdb, due_queue).items()}
+    assert states[image] == listing.INTERRUPTED
+    assert states[other] != listing.INTERRUPTED
