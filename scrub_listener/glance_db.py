@@ -911,16 +911,14 @@ class GlanceDB:
 
         A row that is ``scrubbing`` may be being deleted right now
         (ScrubInProgress); ``scrub_interrupted`` or ``deleted`` data may
-        be partly gone, or go later (DataGone).  Rows a scrub took before
-        the image was deleted were removed from the live image earlier:
-        they are not this deletion's.
+        be partly gone, or go later (DataGone).  Which rows belong to the
+        deletion is decided by ``deleted_at`` alone, which only Glance
+        writes: a scrubber's ``updated_at`` comes from another clock, and
+        trusting it once left out rows still being deleted.  So a location
+        removed on purpose and scrubbed within ``deletion_window`` before
+        the delete makes the restore refuse: the safe side.
         """
-        deleted_at = deletion_time(image)
-        rows = [
-            r
-            for r in self._deletion_locations(conn, image, deletion_window)
-            if r.status == PENDING_DELETE or r.updated_at >= deleted_at
-        ]
+        rows = self._deletion_locations(conn, image, deletion_window)
         if any(is_claimed(r.status) for r in rows):
             raise exceptions.ScrubInProgress(image_id=image.id)
         interrupted = [r for r in rows if r.status == INTERRUPTED]

@@ -31,8 +31,9 @@ The rules also check what each call promises: a claim leaves its rows
 location names as shared (by ``data_key``); renew returns exactly the
 rows still carrying its token; finish reports the images it closed; a
 successful restore revives every location its deletion took.  That last
-check found a bug (``test_restore_leaves_out_no_location_of_its_deletion``,
-xfail): the random run counts it instead of failing on it.
+check found a bug, fixed since: restore took the scrubber's clock
+(``updated_at``) to tell this deletion's rows from earlier removals
+(``test_restore_leaves_out_no_location_of_its_deletion``).
 
 What is modelled
 ----------------
@@ -577,7 +578,6 @@ class ProtocolMachine(stateful.RuleBasedStateMachine):
     @stateful.rule(k=INDEX)
     def restore(self, k):
         image_id = _pick(self._images_in('pending_delete'), k)
-        deleted_at = glance_db.deletion_time(self.images[image_id])
         now = self._tick()
         try:
             self.restorer.restore(image_id, _verify, WINDOW, now=now)
@@ -589,13 +589,6 @@ class ProtocolMachine(stateful.RuleBasedStateMachine):
         revived = {r.id for r in self._live_rows(image_id)}
         left_out = [r for r in self.rows if r.id in self.taken[image_id]]
         left_out = [r for r in left_out if r.id not in revived]
-        if left_out and all(r.updated_at < deleted_at for r in left_out):
-            # BUG, reproduced by test_restore_leaves_out_no_location_*:
-            # rows a scrubber stamped with a clock behind glance-api's
-            # are taken for rows removed before the deletion.  Counted,
-            # not failed, so that random runs go on looking for others.
-            self.rig.seen['restore left out a location (known bug)'] += 1
-            return
         assert not left_out, (
             f'restore revived locations {revived}, its deletion took '
             f'{self.taken[image_id]}'
@@ -901,13 +894,6 @@ ONE_GONE_ONE_FAILED = [  # the first row ends deleted, its data gone
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: restore leaves out locations of the deletion that a '
-    "scrubber with a clock behind glance-api's stamped (updated_at < "
-    'deleted_at): it revives the image without them, although their '
-    'delete may still run (scrub_interrupted) or is done (deleted)',
-)
 @pytest.mark.parametrize(
     'scrub',
     [CTRL_C_WHILE_DELETING, ONE_GONE_ONE_FAILED],
@@ -919,13 +905,12 @@ def test_restore_leaves_out_no_location_of_its_deletion(rig, scrub):
     behind, claims it, starts deleting the first location's data, and is
     interrupted (Ctrl-C).  The first row is scrub_interrupted (its delete
     may still complete), the second pending_delete.  The restore must be
-    refused (docs/safety.md: "refused, for good"); it revives the image
-    with the second location only, because _revivable_locations drops
-    non-pending rows whose updated_at (the scrubber's clock) precedes the
+    refused (docs/safety.md: "refused, for good"); it revived the image
+    with the second location only, because _revivable_locations dropped
+    non-pending rows whose updated_at (the scrubber's clock) preceded the
     image's deleted_at (glance-api's clock).  The same when the first
-    delete succeeded and the second failed: restore succeeds instead of
-    DataGone, one location short.  Any skew does it when the scrub
-    follows the delete closely (scrub_time 0)."""
+    delete succeeded and the second failed: restore succeeded instead of
+    DataGone, one location short."""
     state = _machine(rig)()
     try:
         state.world(
