@@ -139,7 +139,7 @@ scrubber_opts = [
         help='Locations and properties of an image soft-deleted at most '
         'this many seconds before the image belong to its deletion: '
         'glance-api stamps each with its own time during one DELETE '
-        'request (tags and members carry the image\'s exact deleted_at '
+        "request (tags and members carry the image's exact deleted_at "
         'and need no window). Restore brings back those only; rows '
         'deleted earlier were removed on purpose and stay removed.',
     ),
