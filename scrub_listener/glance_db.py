@@ -840,6 +840,7 @@ class GlanceDB:
             ).scalars()
         )
         if closable:
+            _finish_half_deletes(conn, closable, now)
             conn.execute(
                 IMAGES.update()
                 .where(
@@ -1095,6 +1096,35 @@ class GlanceDB:
             *counts,
             deleted_at=deletion_time(image),
         )
+
+
+def _finish_half_deletes(conn, image_ids, now):
+    """Do what Glance's image_destroy never did for a half-finished delete.
+
+    Its image row is still ``deleted = 0`` (the API would list it as a
+    ``deleted`` image) and its tags and members live: soft-delete them
+    now, as the second transaction would have.
+    """
+    half = sorted(
+        conn.execute(
+            sa.select(IMAGES.c.id).where(
+                IMAGES.c.id.in_(sorted(image_ids)),
+                IMAGES.c.deleted == sa.false(),
+            )
+        ).scalars()
+    )
+    if not half:
+        return
+    soft_deleted = {'deleted': True, 'deleted_at': now, 'updated_at': now}
+    for table in CHILD_TABLES[1:]:  # tags, members
+        conn.execute(
+            table.update()
+            .where(table.c.image_id.in_(half), table.c.deleted == sa.false())
+            .values(**soft_deleted)
+        )
+    conn.execute(
+        IMAGES.update().where(IMAGES.c.id.in_(half)).values(**soft_deleted)
+    )
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from tests.functional.conftest import assert_ok
 from tests.functional.conftest import assert_summary
 from tests.functional.conftest import run_cli
 from tests.functional.conftest import summary
+from tools import glance_rows
 from tools import harness
 
 HOUR = 3600
@@ -561,3 +562,33 @@ def _wait_for_lock_waiter(engine, proc, timeout=30):
                 return
         time.sleep(0.05)
     pytest.fail('scrub-listener never waited on the queue table lock')
+
+
+def test_half_finished_glance_delete_is_listed_restorable_and_scrubbed(env):
+    """Issue 7, finding 7: glance-api's DELETE cut between its two
+    transactions leaves the image pending_delete with deleted = 0 and
+    deleted_at NULL.  Its deletion time is the updated_at the first
+    transaction wrote: list shows it, restore brings it back, and once
+    deleted that way again a sweep scrubs it (nothing raises on the NULL).
+    """
+    restorable = env.make_image(status='active')
+    scrubbable = env.make_image(status='active', tags=['t'], members=['m'])
+    for image_id in (restorable, scrubbable):
+        glance_rows.half_finished_delete(env.engine, image_id, ago(120))
+
+    listed = env.list_json()
+    assert set(listed) == {restorable, scrubbable}
+    assert_ok(env.restore(restorable))
+    assert env.image(restorable)['status'] == 'active'
+    assert os.path.exists(env.data_path(restorable))
+
+    result = assert_ok(env.sweep())
+
+    assert_summary(result, scrubbed=1, failed=0)
+    # finished as Glance's image_destroy would have: gone from the API
+    env.assert_scrubbed(scrubbable)
+    for table in ('image_tags', 'image_members'):
+        assert [r['deleted'] for r in env.children(table, scrubbable)] == [
+            True
+        ]
+    assert env.image(restorable)['status'] == 'active'
