@@ -11,6 +11,7 @@ with another writer (and never hits SQLITE_BUSY on lock upgrade).
 
 import contextlib
 import logging
+import time
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -18,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 
 from scrub_listener import exceptions
 from scrub_listener import redaction
+from scrub_listener import retry
 
 LOG = logging.getLogger(__name__)
 
@@ -149,18 +151,27 @@ def is_deadlock(exc):
     return 'deadlock' in text or 'lock wait timeout' in text
 
 
-def with_deadlock_retry(func, attempts=5):
+def with_deadlock_retry(func, attempts=8, sleep=time.sleep):
     """Run ``func()``; rerun it when the database reports a deadlock.
 
     Deadlocks are possible when two workers lock overlapping sets of rows;
     we lock in primary key order to make them rare, and retry when the
     database still picks us as the victim (it rolled our work back).
+    The victim waits a few jittered milliseconds first (growing with each
+    attempt): retried at once, the same transactions meet again, and
+    under load (several instances claiming from one MariaDB queue while
+    notifications are enqueued) five immediate retries were not enough.
     """
-    for attempt in range(1, attempts + 1):
+    for attempt, delay in zip(
+        range(1, attempts + 1),
+        retry.delays(first=0.005, maximum=0.5, jitter=0.5),
+        strict=False,
+    ):
         try:
             return func()
         except sa_exc.OperationalError as exc:
             if attempt == attempts or not is_deadlock(exc):
                 raise
             LOG.debug('Deadlock, retrying (%d/%d)', attempt, attempts)
+            sleep(delay)
     raise AssertionError('unreachable')

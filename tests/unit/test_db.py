@@ -210,3 +210,22 @@ def test_unreachable_database_error_is_redacted(_no_secrets):
     assert SECRET not in str(info.value)
     assert 'glance:***@127.0.0.1:1' in str(info.value)
     engine.dispose()
+
+
+def test_a_deadlock_victim_waits_a_little_longer_each_time():
+    """Retried at once, the same transactions meet again: the victim
+    waits jittered milliseconds, growing, before each new attempt."""
+    failures = [3]
+    waits = []
+
+    def work():
+        if failures[0]:
+            failures[0] -= 1
+            raise sa_exc.OperationalError(
+                'SELECT', {}, Exception('(1213) Deadlock found')
+            )
+        return 'done'
+
+    assert db.with_deadlock_retry(work, sleep=waits.append) == 'done'
+    assert len(waits) == 3
+    assert 0 < waits[0] < waits[2] < 0.1
