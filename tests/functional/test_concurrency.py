@@ -27,6 +27,7 @@ with ``BUG:``.
 
 import collections
 import contextlib
+import dataclasses
 import datetime
 import os
 import random
@@ -920,35 +921,65 @@ def test_thread_storm_of_scrubs_and_restores(cluster):
     assert restored, 'no restore won: the race was not exercised'
 
 
-def test_old_owner_cannot_hand_back_a_claim_that_was_taken_over(cluster):
+@dataclasses.dataclass
+class Takeover:
+    """One image claimed by worker ``a``, then taken over by ``b`` (its
+    claim judged stale ``lease_time`` + 1 s later: a paused ``a``, or
+    clocks apart); ``restorer`` is a third party."""
+
+    originals: dict
+    image_id: str
+    deletion: glance_db.Deletion
+    a: glance_db.GlanceDB
+    b: glance_db.GlanceDB
+    restorer: glance_db.GlanceDB
+    a_claim: glance_db.Claim
+    b_claim: glance_db.Claim
+    ids: list
+    later: datetime.datetime
+
+
+def _take_over(cluster):
     originals = cluster.make_images(1)
     [image_id] = originals
     deletion = cluster.deletion(image_id)
-    old_owner = cluster.glance_db(lease_time=10)
-    new_owner = cluster.glance_db(lease_time=10)
-    restore_side = cluster.glance_db()
+    a = cluster.glance_db(lease_time=10)
+    b = cluster.glance_db(lease_time=10)
+    later = utcnow() + 11 * SECOND
+    [a_claim] = a.claim([deletion])
+    [b_claim] = b.claim([deletion], now=later)
+    ids = [loc.id for loc in a_claim.locations]
+    assert [loc.id for loc in b_claim.locations] == ids
+    return Takeover(
+        originals,
+        image_id,
+        deletion,
+        a,
+        b,
+        cluster.glance_db(),
+        a_claim,
+        b_claim,
+        ids,
+        later,
+    )
 
-    [old_claim] = old_owner.claim([deletion])
-    # the old owner's batch overruns lease_time: the claim is taken over
-    [new_claim] = new_owner.claim([deletion], now=utcnow() + 11 * SECOND)
-    assert [loc.id for loc in new_claim.locations] == [
-        loc.id for loc in old_claim.locations
-    ]
+
+def test_old_owner_cannot_hand_back_a_claim_that_was_taken_over(cluster):
+    t = _take_over(cluster)
     # the old owner's delete failed (store timeout): it hands back
-    ids = [loc.id for loc in old_claim.locations]
-    finish_claim(old_owner, old_claim, [], ids, {image_id})
+    finish_claim(t.a, t.a_claim, [], t.ids, {t.image_id})
     try:
-        restore_side.restore(image_id, verify_files, WINDOW)
+        t.restorer.restore(t.image_id, verify_files, WINDOW)
     except RESTORE_REFUSALS:
         restored = set()
     else:
-        restored = {image_id}
+        restored = {t.image_id}
     # the new owner's delete goes through
-    for location in new_claim.locations:
+    for location in t.b_claim.locations:
         FileStores().delete(location)
-    finish_claim(new_owner, new_claim, ids, [], {image_id})
+    finish_claim(t.b, t.b_claim, t.ids, [], {t.image_id})
 
-    cluster.assert_final_state(originals, restored=restored)
+    cluster.assert_final_state(t.originals, restored=restored)
 
 
 def test_takeover_then_failed_delete_is_never_revivable(cluster):
@@ -956,33 +987,24 @@ def test_takeover_then_failed_delete_is_never_revivable(cluster):
     over; B's delete fails and B finishes; a restore comes; A's delete
     then completes.  The restore must have been refused: the row went to
     scrub_interrupted, not back to pending_delete."""
-    originals = cluster.make_images(1)
-    [image_id] = originals
-    deletion = cluster.deletion(image_id)
-    a = cluster.glance_db(lease_time=10)
-    b = cluster.glance_db(lease_time=10)
-    restore_side = cluster.glance_db()
-
-    [a_claim] = a.claim([deletion])
-    [b_claim] = b.claim([deletion], now=utcnow() + 11 * SECOND)
-    ids = [loc.id for loc in b_claim.locations]
-    assert all(loc.taken_over for loc in b_claim.locations)
-    finish_claim(b, b_claim, [], ids, {image_id})  # B's delete failed
-    _, rows = cluster.rows([image_id])
-    assert {r.status for r in rows[image_id]} == {'scrub_interrupted'}
+    t = _take_over(cluster)
+    assert all(loc.taken_over for loc in t.b_claim.locations)
+    finish_claim(t.b, t.b_claim, [], t.ids, {t.image_id})  # B's failed
+    _, rows = cluster.rows([t.image_id])
+    assert {r.status for r in rows[t.image_id]} == {'scrub_interrupted'}
 
     with pytest.raises(exceptions.DataGone) as info:
-        restore_side.restore(image_id, verify_files, WINDOW)
+        t.restorer.restore(t.image_id, verify_files, WINDOW)
     assert 'interrupted' in str(info.value)
     # A wakes up: its delete completes, its finish moves nothing
-    for location in a_claim.locations:
+    for location in t.a_claim.locations:
         FileStores().delete(location)
-    finish_claim(a, a_claim, ids, [], {image_id})
+    finish_claim(t.a, t.a_claim, t.ids, [], {t.image_id})
     # the next scrub claims the interrupted row at once and completes
-    [again] = b.claim([deletion])
-    assert [loc.id for loc in again.locations] == ids
-    finish_claim(b, again, ids, [], {image_id})
-    cluster.assert_final_state(originals, restored=set())
+    [again] = t.b.claim([t.deletion])
+    assert [loc.id for loc in again.locations] == t.ids
+    finish_claim(t.b, again, t.ids, [], {t.image_id})
+    cluster.assert_final_state(t.originals, restored=set())
 
 
 def test_renewal_after_a_takeover_returns_nothing_and_fences_finish(cluster):
@@ -990,28 +1012,20 @@ def test_renewal_after_a_takeover_returns_nothing_and_fences_finish(cluster):
     claim on B's rows, whatever the clocks say: renew answers which rows
     are still A's (none), and A's finish of a failed delete then moves
     nothing -- B's rows are never handed back while B deletes."""
-    originals = cluster.make_images(1)
-    [image_id] = originals
-    deletion = cluster.deletion(image_id)
-    a = cluster.glance_db(lease_time=10)
-    b = cluster.glance_db(lease_time=10)
-    restore_side = cluster.glance_db()
-    later = utcnow() + 11 * SECOND
-
-    [a_claim] = a.claim([deletion])
-    [b_claim] = b.claim([deletion], now=later)
-    ids = [loc.id for loc in a_claim.locations]
+    t = _take_over(cluster)
     # same instant as B's claim: the old whole-second stamps collided here
-    assert a.renew(a_claim.token, ids, now=later) == set()
-    finish_claim(a, a_claim, [], ids, {image_id})  # A's delete failed
-    _, rows = cluster.rows([image_id])
-    assert {r.status for r in rows[image_id]} == {f'scrubbing:{b_claim.token}'}
+    assert t.a.renew(t.a_claim.token, t.ids, now=t.later) == set()
+    finish_claim(t.a, t.a_claim, [], t.ids, {t.image_id})  # A's failed
+    _, rows = cluster.rows([t.image_id])
+    assert {r.status for r in rows[t.image_id]} == {
+        f'scrubbing:{t.b_claim.token}'
+    }
     with pytest.raises(exceptions.ScrubInProgress):
-        restore_side.restore(image_id, verify_files, WINDOW)
-    for location in b_claim.locations:
+        t.restorer.restore(t.image_id, verify_files, WINDOW)
+    for location in t.b_claim.locations:
         FileStores().delete(location)
-    finish_claim(b, b_claim, ids, [], {image_id})
-    cluster.assert_final_state(originals, restored=set())
+    finish_claim(t.b, t.b_claim, t.ids, [], {t.image_id})
+    cluster.assert_final_state(t.originals, restored=set())
 
 
 def test_restore_does_not_drop_the_entry_of_a_newer_deletion(cluster):

@@ -534,18 +534,21 @@ class RawRpc:
             content_encoding='utf-8',
         )
 
-    def reply(self, msg, timeout):
-        """The reply to ``msg`` (a dict), or None after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def reply(self, msg, timeout, why=None):
+        """The reply to ``msg`` (a dict); fails the test with ``why()``
+        when none came within ``timeout`` s."""
+
+        def answered():
             raw = self.replies.get(no_ack=True)
             if raw is None:
-                time.sleep(0.05)
-                continue
+                return None
             body = json.loads(json.loads(raw.body)['oslo.message'])
             if body.get('_msg_id') == msg['_msg_id'] and body.get('ending'):
                 return body
-        return None
+            return None
+
+        body, _ = sf.wait_until(answered, timeout, message=why)
+        return body
 
     def close(self):
         self.connection.release()
@@ -565,8 +568,8 @@ def test_a_request_delivered_twice_does_not_stop_the_rpc_server(
     try:
         first = raw.request('status')
         raw.send(first)
-        reply = raw.reply(first, 15)
-        assert reply is not None, svc.log_tail()
+        reply = raw.reply(first, 15, why=svc.log_tail)
+        assert reply is not None
         assert (
             reply['failure'] is None and reply['result']['scrub_time'] == 3600
         )
@@ -580,10 +583,14 @@ def test_a_request_delivered_twice_does_not_stop_the_rpc_server(
         ):
             again = raw.request(method, **args)
             raw.send(again)
-            reply = raw.reply(again, 15)
-            assert reply is not None, (
-                f'no answer to {method} after a duplicate:\n{svc.log_tail()}'
+            reply = raw.reply(
+                again,
+                15,
+                why=lambda m=method: (
+                    f'no answer to {m} after a duplicate:\n{svc.log_tail()}'
+                ),
             )
+            assert reply is not None
             assert reply['failure'] is None, reply['failure']
         assert reply['result']['image_id'] == image_id
         # the copy was seen and dropped (oslo.messaging's own log line)
