@@ -153,6 +153,9 @@ class ChildProcess:
 
         Raises :class:`WaitTimeout` if it is still running then.
         """
+        return self._wait(timeout)
+
+    def _wait(self, timeout):
         started = time.monotonic()
         try:
             rc = self.proc.wait(timeout)
@@ -166,7 +169,7 @@ class ChildProcess:
     def terminate(self, timeout=30):
         """SIGTERM; return (returncode, seconds to exit), or raise."""
         self.send(signal.SIGTERM)
-        return self.wait(timeout)
+        return self._wait(timeout)
 
     def stop(self, timeout=60):
         """SIGTERM and wait; SIGKILL after ``timeout``.

@@ -20,6 +20,9 @@ and output) against a real Glance schema (``glance-manage db_sync``, from
 ``module_glance_api``
     Module-scoped factory of a real glance-api (MariaDB, ``delayed_delete``,
     backends ``fs`` and ``fs2``), one per ``encryption_key``.
+``cluster``
+    A ``concurrency_fixtures.Cluster`` on the session Glance database of
+    each backend: the races of ``test_concurrency_*.py``.
 """
 
 import dataclasses
@@ -37,6 +40,7 @@ from sqlalchemy import pool
 
 from scrub_listener import glance_db as product_glance_db
 from scrub_listener import queue as product_queue
+from tests.functional import concurrency_fixtures
 from tools import glance_rows
 from tools import harness
 
@@ -516,3 +520,14 @@ def module_glance_api(tmp_path_factory):
         api.stop()
     for url in dbs:
         harness.drop_database(url)
+
+
+# ------------------------------------------------------------------ races
+
+
+@pytest.fixture
+def cluster(glance_db_url, tmp_path):
+    """A Cluster (Glance DB, store, processes) for one race test."""
+    c = concurrency_fixtures.Cluster(glance_db_url, tmp_path)
+    yield c
+    c.close()

@@ -21,9 +21,7 @@ import shlex
 import uuid
 
 import kombu
-import oslo_messaging
 import pytest
-from oslo_config import cfg
 
 from scrub_listener import exceptions
 from tests.functional import service_fixtures as sf
@@ -32,6 +30,7 @@ from tools import harness
 
 module_vhost = sf.module_vhost
 module_glance_mysql = sf.module_glance_mysql
+module_service = sf.module_service
 services = sf.services
 vhost = sf.vhost
 
@@ -48,25 +47,16 @@ LINE_RE = re.compile(
 class Service:
     """The module's service, and RPC calls to it with any context."""
 
-    def __init__(self, world, service):
+    def __init__(self, world, service, caller):
         self.world = world
         self.service = service
-        self._transport = oslo_messaging.get_rpc_transport(
-            cfg.CONF,
-            url=world.vhost.transport_url,
-            allowed_remote_exmods=['scrub_listener.exceptions'],
-        )
-        self._client = oslo_messaging.get_rpc_client(
-            self._transport,
-            oslo_messaging.Target(topic=world.rpc_topic, version='1.0'),
-            timeout=15,
-        )
+        self._caller = caller
 
     def call(self, ctxt, method, **kwargs):
         """(result or raised error, the service's log lines meanwhile)."""
         offset = len(self.service.log())
         try:
-            outcome = self._client.call(ctxt, method, **kwargs)
+            outcome = self._caller.call_as(ctxt, method, **kwargs)
         except Exception as exc:
             outcome = exc
         return outcome, self.service.log()[offset:].splitlines()
@@ -78,27 +68,12 @@ class Service:
             rf'\d{{4}}-\d\d-\d\d \S+ {self.service.pid} [A-Z]+ \S+ ', line
         )
 
-    def close(self):
-        self._transport.cleanup()
-
 
 @pytest.fixture(scope='module')
-def svc(tmp_path_factory, module_vhost, module_glance_mysql):
-    tmp = tmp_path_factory.mktemp('trust')
-    world = sf.make_world(tmp, module_vhost, module_glance_mysql)
-    config = sf.write_service_config(
-        tmp / 'service.conf', world.config(scrub_time=3600)
-    )
-    service = sf.ScrubService(config, tmp / 'service.log', name='trust')
-    try:
-        service.start()
-        setup = Service(world, service)
-        try:
-            yield setup
-        finally:
-            setup.close()
-    finally:
-        service.cleanup()
+def svc(module_service):
+    world, service, *_ = module_service('trust', scrub_time=3600)
+    with sf.RpcCaller(world.vhost.transport_url, world.rpc_topic) as caller:
+        yield Service(world, service, caller)
 
 
 def admin(**changes):

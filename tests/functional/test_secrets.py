@@ -36,6 +36,7 @@ from tests.functional.conftest import SCRUB_LISTENER
 from tests.functional.conftest import run_cli
 from tools import glance_rows
 from tools import harness
+from tools.hooks import hook_env
 
 glance_mysql = sf.glance_mysql
 services = sf.services
@@ -486,45 +487,10 @@ def _rpc_restore_errors(transport_url, topic, planted):
 # --------------------------------- a store driver whose errors quote URLs
 
 # Store drivers put URLs in their error texts: glance_store's BadStoreUri
-# is "The Store URI was malformed: <uri>", credentials and all.  This hook
-# (a sitecustomize.py on the processes' PYTHONPATH) makes the file
-# driver fail that way on data files named "badstore-*", quoting a Swift
-# URL with the planted secret.
-STORE_HOOK = """\
-import os
-
-SECRET = os.environ.get('SL_TEST_STORE_SECRET')
-
-if SECRET:
-    from glance_store import exceptions as store_exc
-    from glance_store._drivers import filesystem
-
-    def _failing(original):
-        def call(self, location, *args, **kwargs):
-            path = location.store_location.path
-            if 'badstore-' in os.path.basename(path):
-                raise store_exc.BadStoreUri(
-                    uri=f'swift+https://svc:{SECRET}@keystone.example.com'
-                    f'/v3/c/{os.path.basename(path)}'
-                )
-            return original(self, location, *args, **kwargs)
-
-        return call
-
-    filesystem.Store.delete = _failing(filesystem.Store.delete)
-    filesystem.Store.get_size = _failing(filesystem.Store.get_size)
-"""
-
-
-def _store_hook_env(directory, secret):
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, 'sitecustomize.py'), 'w') as f:
-        f.write(STORE_HOOK)
-    path = os.environ.get('PYTHONPATH')
-    return {
-        'PYTHONPATH': str(directory) + (os.pathsep + path if path else ''),
-        'SL_TEST_STORE_SECRET': secret,
-    }
+# is "The Store URI was malformed: <uri>", credentials and all.  The
+# SL_TEST_STORE_SECRET import hook (tools/hooks/sitecustomize.py) makes
+# the file driver fail that way on data files named "badstore-*", quoting
+# a Swift URL with the planted secret.
 
 
 def _badstore_image(engine, store_dir):
@@ -542,7 +508,7 @@ def _badstore_image(engine, store_dir):
 def test_store_error_texts_stay_inside(sqlite_env, monkeypatch):
     env = sqlite_env
     secret = new_secret()
-    for name, value in _store_hook_env(env.tmp / 'hook', secret).items():
+    for name, value in hook_env(SL_TEST_STORE_SECRET=secret).items():
         monkeypatch.setenv(name, value)
     image_id = _badstore_image(env.engine, env.store_dir)
     log_file, log_opts = _log_options(env.tmp, 'store')
@@ -584,7 +550,7 @@ def test_store_error_texts_stay_inside_rpc_replies(
     svc = services(
         sections,
         name='badstore',
-        env={**world.env(), **_store_hook_env(tmp_path / 'hook', secret)},
+        env=world.env(SL_TEST_STORE_SECRET=secret),
     )
 
     with sf.RpcCaller(vhost.transport_url, world.rpc_topic) as caller:

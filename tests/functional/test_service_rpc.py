@@ -25,9 +25,11 @@ from scrub_listener import exceptions
 from tests.functional import service_fixtures as sf
 from tools import glance_rows
 from tools import harness
+from tools.hooks import hook_env
 
 module_vhost = sf.module_vhost
 module_glance_mysql = sf.module_glance_mysql
+module_service = sf.module_service
 services = sf.services
 
 # oslo.messaging in this process imports eventlet-era modules that warn
@@ -56,17 +58,8 @@ class RpcSetup:
 
 
 @pytest.fixture(scope='module')
-def rpc(tmp_path_factory, module_vhost, module_glance_mysql):
-    tmp = tmp_path_factory.mktemp('rpc')
-    world = sf.make_world(tmp, module_vhost, module_glance_mysql)
-    sections = world.config(scrub_time=3600, rpc_timeout=15)
-    config_file = sf.write_service_config(tmp / 'service.conf', sections)
-    service = sf.ScrubService(config_file, tmp / 'service.log', name='rpc')
-    try:
-        service.start()
-        yield RpcSetup(world, service, config_file, sections, str(tmp))
-    finally:
-        service.cleanup()
+def rpc(module_service):
+    yield RpcSetup(*module_service('rpc', scrub_time=3600, rpc_timeout=15))
 
 
 def _pending_with_children(rpc, data):
@@ -610,20 +603,12 @@ def test_an_oslo_messaging_of_another_shape_stops_the_start(
     config = sf.write_service_config(
         tmp_path / 'service.conf', world.config(scrub_time=3600)
     )
-    hooks = tmp_path / 'changed'
-    hooks.mkdir()
     # a future oslo.messaging that caches notification ids on receipt
-    (hooks / 'sitecustomize.py').write_text(
-        'from oslo_messaging._drivers import amqpdriver\n'
-        'amqpdriver.NotificationAMQPListener.use_cache = True\n'
-    )
-
-    path = [str(hooks), os.environ.get('PYTHONPATH')]
     rc, out, err, _ = sf.run_cli(
         [],
         config,
         timeout=60,
-        env={'PYTHONPATH': os.pathsep.join(p for p in path if p)},
+        env=hook_env(SL_TEST_OSLO_USE_CACHE=1),
         binary=sf.SERVICE,
     )
 
