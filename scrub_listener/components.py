@@ -10,10 +10,10 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from scrub_listener import db
-from scrub_listener import drain
 from scrub_listener import exceptions
 from scrub_listener import glance_db
 from scrub_listener import holders
+from scrub_listener import model
 from scrub_listener import queue
 from scrub_listener import restore
 from scrub_listener import scrubber
@@ -23,13 +23,15 @@ from scrub_listener import sweep
 
 @dataclasses.dataclass
 class Components:
+    """Everything a command needs, built once from the configuration."""
+
     conf: object
     glance_db: glance_db.GlanceDB
     queue: queue.DueQueue
-    stores: store.Stores | None
+    schedule: model.Schedule
+    stores: store.Stores | None = None
     executor: futurist.ThreadPoolExecutor | None = None
     scrubber: scrubber.Scrubber | None = None
-    drain: drain.Drain | None = None
     sweeper: sweep.Sweeper | None = None
     restorer: restore.Restorer | None = None
 
@@ -64,7 +66,7 @@ def build(conf, with_stores=True):
         retry_backoff=conf.scrub_queue.retry_backoff,
         retry_backoff_max=conf.scrub_queue.retry_backoff_max,
     )
-    parts = Components(conf, gdb, due_queue, None)
+    parts = Components(conf, gdb, due_queue, model.Schedule(conf.scrub_time))
     if not with_stores:
         return parts
     _check_encryption_key(conf)
@@ -73,20 +75,20 @@ def build(conf, with_stores=True):
     parts.executor = futurist.ThreadPoolExecutor(
         max_workers=conf.scrub_pool_size
     )
-    parts.scrubber = scrubber.Scrubber(
-        gdb, parts.stores, parts.executor, conf.scrubber.lease_time
-    )
     # A restart after SIGKILL: our dead predecessor's leases are free now.
     due_queue.release_dead_leases(process.lease_owner_is_dead)
-    parts.drain = drain.Drain(
-        due_queue,
-        parts.scrubber,
-        process.lease_owner,
-        conf.scrub_queue.batch_size,
-        conf.scrub_time,
+    parts.scrubber = scrubber.Scrubber(
+        gdb,
+        parts.stores,
+        parts.executor,
+        conf.scrubber.lease_time,
+        queue=due_queue,
+        owner=process.lease_owner,
+        batch_size=conf.scrub_queue.batch_size,
+        schedule=parts.schedule,
     )
     parts.sweeper = sweep.Sweeper(
-        gdb, due_queue, conf.scrub_time, conf.scrub_queue.batch_size
+        gdb, due_queue, parts.schedule, conf.scrub_queue.batch_size
     )
     parts.restorer = restore.Restorer(
         gdb,

@@ -8,19 +8,16 @@ operator finds the id of an image to restore.
 import dataclasses
 import datetime
 
+from scrub_listener import model
 from scrub_listener import redaction
 
-WAITING = 'waiting'
-DUE = 'due'
-IN_PROGRESS = 'in progress'
-FAILED = 'failed'
-NOT_QUEUED = 'not queued'
-# a scrub of it was cut short: restore refuses it (docs/safety.md)
-INTERRUPTED = 'interrupted'
+State = model.QueueState
 
 
 @dataclasses.dataclass
 class Row:
+    """One line of ``list``: an image and where its deletion stands."""
+
     id: str
     name: str | None
     owner: str | None
@@ -28,7 +25,7 @@ class Row:
     visibility: str | None
     deleted_at: datetime.datetime
     due_at: datetime.datetime
-    state: str
+    state: model.QueueState
     attempts: int = 0
     last_error: str | None = None
     next_attempt_at: datetime.datetime | None = None
@@ -41,19 +38,18 @@ class Row:
         return data
 
 
-def iter_rows(glance_db, queue, scrub_time, now, page_size=500, **filters):
+def iter_rows(glance_db, queue, schedule, now, page_size=500, **filters):
     """Yield a Row per pending_delete image, page by page."""
-    scrub_delta = datetime.timedelta(seconds=scrub_time)
     page = []
     for image in glance_db.iter_pending_images(page_size, **filters):
         page.append(image)
         if len(page) == page_size:
-            yield from _rows(page, queue, scrub_delta, now)
+            yield from _rows(page, queue, schedule, now)
             page = []
-    yield from _rows(page, queue, scrub_delta, now)
+    yield from _rows(page, queue, schedule, now)
 
 
-def _rows(images, queue, scrub_delta, now):
+def _rows(images, queue, schedule, now):
     entries = queue.entries_for({image.id for image in images})
     for image in images:
         entry = _entry_for(entries.get(image.id, ()), image.deleted_at)
@@ -64,8 +60,8 @@ def _rows(images, queue, scrub_delta, now):
             size=image.size,
             visibility=image.visibility,
             deleted_at=image.deleted_at,
-            due_at=image.deleted_at + scrub_delta,
-            state=WAITING,
+            due_at=schedule.due_at(image.deleted_at),
+            state=State.WAITING,
         )
         if entry is not None:
             row.due_at = entry.due_at
@@ -75,8 +71,8 @@ def _rows(images, queue, scrub_delta, now):
             row.last_error = redaction.redact(entry.last_error)
             row.next_attempt_at = entry.next_attempt_at
         row.state = _state(row, entry, now)
-        if image.interrupted and row.state != IN_PROGRESS:
-            row.state = INTERRUPTED
+        if image.interrupted and row.state != State.IN_PROGRESS:
+            row.state = State.INTERRUPTED
         yield row
 
 
@@ -92,9 +88,9 @@ def _entry_for(entries, deleted_at):
 
 def _state(row, entry, now):
     if entry is not None and entry.lease_expires and entry.lease_expires > now:
-        return IN_PROGRESS
+        return State.IN_PROGRESS
     if entry is not None and entry.attempts:
-        return FAILED
+        return State.FAILED
     if row.due_at > now:
-        return WAITING
-    return DUE if entry is not None else NOT_QUEUED
+        return State.WAITING
+    return State.DUE if entry is not None else State.NOT_QUEUED

@@ -20,16 +20,15 @@ dropped a transient queue) is not a lost deletion: the image stays
 pending_delete in Glance and the periodic sweep finds it.
 """
 
-import datetime
 import logging
 import threading
-import uuid
 
 import oslo_messaging
 from sqlalchemy import exc as sa_exc
 
 from scrub_listener import exceptions
-from scrub_listener import glance_db
+from scrub_listener import model
+from scrub_listener import retry
 
 LOG = logging.getLogger(__name__)
 
@@ -47,10 +46,10 @@ class ImageDeleteEndpoint:
         event_type=r'^image\.delete$'
     )
 
-    def __init__(self, glance_db_, queue, scrub_time, on_enqueued=None):
-        self._db = glance_db_
+    def __init__(self, glance_db, queue, schedule, on_enqueued=None):
+        self._db = glance_db
         self._queue = queue
-        self.scrub_time = scrub_time
+        self._schedule = schedule
         self._on_enqueued = on_enqueued or (lambda: None)
         # Set by stop(): cut a backoff sleep short on shutdown.
         self.stopping = threading.Event()
@@ -64,8 +63,7 @@ class ImageDeleteEndpoint:
                 image_ids.add(image_id)
         if not image_ids:
             return None
-        delay = RETRY_MIN
-        while True:
+        for delay in retry.delays(RETRY_MIN, RETRY_MAX):
             try:
                 queued = self._enqueue(image_ids)
                 break
@@ -91,7 +89,6 @@ class ImageDeleteEndpoint:
                     exc,
                 )
                 self.stopping.wait(delay)
-                delay = min(delay * 2, RETRY_MAX)
         if queued:
             self._on_enqueued()
         return None
@@ -104,10 +101,9 @@ class ImageDeleteEndpoint:
             LOG.debug(
                 'image.delete for %s: not pending_delete, ignored', image_id
             )
-        delay = datetime.timedelta(seconds=self.scrub_time)
         return self._queue.enqueue(
             [
-                (glance_db.Deletion(image_id, None, when), when + delay)
+                self._schedule.queued(model.Deletion(image_id, None, when))
                 for image_id, when in deleted_at.items()
             ]
         )
@@ -126,12 +122,10 @@ class ImageDeleteEndpoint:
             image_id = payload['id']
             try:
                 if not isinstance(image_id, str):
-                    raise ValueError
-                uuid.UUID(image_id)
-            except ValueError:
+                    raise exceptions.InvalidImageId(image_id='?')
+                return model.validate_image_id(image_id)
+            except exceptions.InvalidImageId:
                 reason = f'payload "id" {image_id!r:.80} is not an image id'
-            else:
-                return image_id
         LOG.warning(
             'Dropping malformed %s notification %s from %s: %s',
             message.get('event_type'),

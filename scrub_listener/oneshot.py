@@ -10,45 +10,31 @@ twice.
 
 import time
 
-from scrub_listener import drain as drain_mod
 from scrub_listener import exceptions
-from scrub_listener import glance_db
+from scrub_listener import model
 
 PROGRESS_EVERY = 10  # seconds
 
 
 def sweep_once(parts, out, progress_interval=PROGRESS_EVERY):
-    """Run one pass; return the DrainStats."""
+    """Run one pass; return its Tally."""
     start = time.monotonic()
-    started_at = glance_db.utcnow()
+    started_at = model.utcnow()
     found, queued = parts.sweeper.sweep(now=started_at)
     print(
         f'Sweep: {found} deletions due, {queued} new in the queue',
         file=out,
         flush=True,
     )
-    stats = drain_mod.DrainStats()
-    last_report = start
-    while True:
-        outcomes = parts.drain.drain_batch(due_before=started_at)
-        if not outcomes:
-            break
-        for outcome in outcomes:
-            stats.add(outcome)
-        if time.monotonic() - last_report >= progress_interval:
-            last_report = time.monotonic()
-            print(
-                f'  ... {_line(stats, last_report - start)}',
-                file=out,
-                flush=True,
-            )
+    progress = _Progress(out, start, progress_interval)
+    stats = parts.scrubber.drain(due_before=started_at, report=progress)
     print(
         f'Done: {_line(stats, time.monotonic() - start)}', file=out, flush=True
     )
     # Failures of earlier passes wait for their backoff and were not
     # retried now; a pass that says nothing of them would tell cron all
     # is well.
-    stats.waiting_retry = parts.queue.stats(glance_db.utcnow())['failing']
+    stats.waiting_retry = parts.queue.stats(model.utcnow())['failing']
     if stats.waiting_retry:
         print(
             f'{stats.waiting_retry} deletion(s) failed earlier and wait for '
@@ -57,6 +43,29 @@ def sweep_once(parts, out, progress_interval=PROGRESS_EVERY):
             flush=True,
         )
     return stats
+
+
+class _Progress:
+    """A progress line every ``interval`` seconds of a long pass."""
+
+    def __init__(self, out, start, interval):
+        self._out = out
+        self._start = start
+        self._interval = interval
+        self._last = start
+        self.stats = model.Tally()
+
+    def __call__(self, outcomes):
+        for outcome in outcomes:
+            self.stats.add(outcome)
+        if time.monotonic() - self._last >= self._interval:
+            self._last = time.monotonic()
+            elapsed = self._last - self._start
+            print(
+                f'  ... {_line(self.stats, elapsed)}',
+                file=self._out,
+                flush=True,
+            )
 
 
 def _line(stats, elapsed):

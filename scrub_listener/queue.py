@@ -19,8 +19,7 @@ so a stale or duplicated row can never delete data it should not.
 
 import dataclasses
 import datetime
-import random
-import time
+import logging
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -29,8 +28,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 
 from scrub_listener import db
-from scrub_listener import glance_db
+from scrub_listener import model
 from scrub_listener import redaction
+from scrub_listener import retry
 
 WHOLE_IMAGE = 0  # location_id of an image deletion (NULLs are not unique)
 
@@ -63,8 +63,10 @@ ENTRIES = sa.Table(
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+    """A due-queue row: a Deletion, when it is due, its lease and retries."""
+
     id: int
-    deletion: glance_db.Deletion
+    deletion: model.Deletion
     due_at: datetime.datetime
     next_attempt_at: datetime.datetime
     attempts: int
@@ -77,7 +79,7 @@ def _entry(row):
     location_id = None if row.location_id == WHOLE_IMAGE else row.location_id
     return Entry(
         id=row.id,
-        deletion=glance_db.Deletion(row.image_id, location_id, row.deleted_at),
+        deletion=model.Deletion(row.image_id, location_id, row.deleted_at),
         due_at=row.due_at,
         next_attempt_at=row.next_attempt_at,
         attempts=row.attempts,
@@ -91,9 +93,15 @@ class DueQueue:
     """The due-queue table and its operations."""
 
     def __init__(
-        self, engine, lease_time=600, retry_backoff=30, retry_backoff_max=3600
+        self,
+        engine,
+        lease_time=600,
+        retry_backoff=30,
+        retry_backoff_max=3600,
+        now=model.utcnow,
     ):
         self.engine = engine
+        self._now = now
         self.lease = datetime.timedelta(seconds=lease_time)
         self.retry_backoff = retry_backoff
         self.retry_backoff_max = retry_backoff_max
@@ -105,16 +113,16 @@ class DueQueue:
         (create_all looks, then creates): the losers see "already exists"
         in one form or another, and the table being there is all we need.
         """
-        for attempt in range(3):
-            try:
-                _META.create_all(self.engine)
-                return
-            except sa_exc.DatabaseError:
-                # Lost the race; look again (the winner may still be
-                # creating the index).  A real error repeats itself.
-                if attempt == 2:
-                    raise
-                time.sleep(0.2)
+        # Lost the race: look again (the winner may still be creating the
+        # index).  A real error repeats itself and is raised.
+        retry.call(
+            lambda: _META.create_all(self.engine),
+            retry_on=sa_exc.DatabaseError,
+            within=1.0,
+            what='create the due-queue table',
+            first=0.2,
+            level=logging.DEBUG,
+        )
 
     # -- producers ---------------------------------------------------------
 
@@ -124,7 +132,7 @@ class DueQueue:
         Idempotent: a deletion already queued (leased or not) is left as
         it is.
         """
-        now = now or glance_db.utcnow()
+        now = now or self._now()
         values = [
             {
                 'image_id': deletion.image_id,
@@ -179,19 +187,22 @@ class DueQueue:
 
     # -- consumers ---------------------------------------------------------
 
-    def claim(self, owner, limit, now=None, due_before=None):
+    def claim(
+        self, owner, limit, now=None, due_before=None, exclude_images=()
+    ):
         """Lease up to ``limit`` due entries to ``owner``; return them.
 
         An entry is due when ``next_attempt_at <= due_before`` (default:
-        now) and nobody holds an unexpired lease on it.
+        now) and nobody holds an unexpired lease on it.  Entries of
+        ``exclude_images`` (the images a pipeline has in flight) are left.
         """
-        now = now or glance_db.utcnow()
+        now = now or self._now()
         due_before = due_before or now
         return db.with_deadlock_retry(
-            lambda: self._claim(owner, limit, now, due_before)
+            lambda: self._claim(owner, limit, now, due_before, exclude_images)
         )
 
-    def _claim(self, owner, limit, now, due_before):
+    def _claim(self, owner, limit, now, due_before, exclude_images):
         free = sa.or_(
             ENTRIES.c.lease_expires.is_(None), ENTRIES.c.lease_expires < now
         )
@@ -201,6 +212,10 @@ class DueQueue:
             .order_by(ENTRIES.c.next_attempt_at, ENTRIES.c.id)
             .limit(limit)
         )
+        if exclude_images:
+            pick = pick.where(
+                ENTRIES.c.image_id.not_in(sorted(exclude_images))
+            )
         if not db.is_sqlite(self.engine):
             # Rows another instance is claiming right now are skipped,
             # not waited for.
@@ -225,7 +240,7 @@ class DueQueue:
 
     def renew(self, entries, owner, now=None):
         """Extend our leases on ``entries`` (a batch still running)."""
-        now = now or glance_db.utcnow()
+        now = now or self._now()
         ids = sorted(e.id for e in entries)
         self._write(
             lambda conn: conn.execute(
@@ -256,7 +271,7 @@ class DueQueue:
         failures does not come back as a burst), capped at
         ``retry_backoff_max``.  Attempts and reason stay visible.
         """
-        now = now or glance_db.utcnow()
+        now = now or self._now()
         failures = sorted(failures, key=lambda failure: failure[0].id)
         if failures:
             self._write(
@@ -284,10 +299,11 @@ class DueQueue:
             )
 
     def backoff(self, attempts):
-        delay = min(
-            self.retry_backoff * 2 ** (attempts - 1), self.retry_backoff_max
+        """How long a deletion that failed ``attempts`` times waits."""
+        delay = retry.backoff(
+            attempts, self.retry_backoff, self.retry_backoff_max
         )
-        return datetime.timedelta(seconds=delay * random.uniform(0.9, 1.1))
+        return datetime.timedelta(seconds=delay)
 
     def release(self, entries, owner, at):
         """Give entries back untouched, due again at ``at`` (busy ones)."""

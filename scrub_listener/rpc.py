@@ -35,7 +35,7 @@ import oslo_messaging
 from sqlalchemy import exc as sa_exc
 
 from scrub_listener import exceptions
-from scrub_listener import glance_db
+from scrub_listener import model
 
 LOG = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class ScrubListenerAPI:
         # whose error would carry (and process) the whole text.
         if isinstance(image_id, str) and len(image_id) <= UUID_LENGTH:
             try:
-                valid = glance_db.validate_image_id(image_id)
+                valid = model.validate_image_id(image_id)
             except exceptions.InvalidImageId:
                 pass
         # uuid.UUID() also takes surrounding whitespace and braces: an id

@@ -4,9 +4,11 @@ Threads:
 
 * the oslo.messaging **listener** (batch, pool ``[listener] pool``) turns
   ``image.delete`` events into due-queue rows and wakes the drain;
-* the **drain** thread claims due rows and scrubs them; store deletes fan
-  out to the futurist pool (``scrub_pool_size``).  It sleeps until the
-  next due time (or a wake-up from the listener), never on a fixed poll;
+* the **drain** thread runs the scrub pipeline
+  (:meth:`scrub_listener.scrubber.Scrubber.drain`) while anything is
+  due; store deletes fan out to the futurist pool (``scrub_pool_size``).
+  It sleeps until the next due time (or a wake-up from the listener),
+  never on a fixed poll;
 * a futurist **PeriodicWorker** runs the sweep every ``wakeup_time``
   seconds (first run at start), catching what the events missed.  A
   periodic callback never overlaps itself;
@@ -32,9 +34,10 @@ from oslo_messaging import opts as messaging_opts
 from oslo_messaging.notify import listener as notify_listener
 
 from scrub_listener import exceptions
-from scrub_listener import glance_db
 from scrub_listener import messaging_compat
+from scrub_listener import model
 from scrub_listener import notification
+from scrub_listener import retry
 from scrub_listener import rpc
 
 LOG = logging.getLogger(__name__)
@@ -42,8 +45,10 @@ LOG = logging.getLogger(__name__)
 # The drain re-checks the queue at least this often, for rows another
 # instance sharing the queue added (their listener cannot wake us).
 MAX_IDLE = 5.0
-# After an unexpected drain error (database down), wait before retrying.
+# After an unexpected drain error (database down), wait before retrying:
+# from ERROR_PAUSE up to MAX_ERROR_PAUSE while the error lasts.
 ERROR_PAUSE = 5.0
+MAX_ERROR_PAUSE = 60.0
 
 
 def check_messaging_config(conf):
@@ -73,6 +78,8 @@ def set_messaging_defaults(conf):
 
 
 class Service:
+    """The always-on service: threads, start and stop order, reload."""
+
     def __init__(self, conf, parts, on_fatal):
         """``on_fatal(exc)`` is called (from a thread) if the service
         cannot run; the caller stops it and exits non-zero."""
@@ -84,7 +91,7 @@ class Service:
         self._messaging_started = threading.Event()
         self._drain_thread = None
         self._endpoint = notification.ImageDeleteEndpoint(
-            parts.glance_db, parts.queue, conf.scrub_time, self._wake.set
+            parts.glance_db, parts.queue, parts.schedule, self._wake.set
         )
         self._periodic = periodics.PeriodicWorker(
             [(self._make_sweep(), None, None)]
@@ -243,25 +250,29 @@ class Service:
         except (cfg.Error, ValueError) as exc:
             LOG.error(
                 'Reload refused, keeping scrub_time %d s: %s',
-                self._endpoint.scrub_time,
+                self._parts.schedule.scrub_time,
                 exc,
             )
             return
-        self._endpoint.scrub_time = scrub_time
-        self._parts.sweeper.scrub_time = scrub_time
-        self._parts.drain.scrub_time = scrub_time
+        # One Schedule, shared by the endpoint, the sweep and the scrubber:
+        # new deletions are due after the new scrub_time; queued ones
+        # keep the due time they were given.
+        self._parts.schedule.scrub_time = scrub_time
         LOG.info('Configuration reloaded: scrub_time %d s', scrub_time)
 
     def _drain_loop(self):
-        drain = self._parts.drain
+        scrubber = self._parts.scrubber
+        pauses = retry.delays(ERROR_PAUSE, MAX_ERROR_PAUSE)
         while not self._stopping.is_set():
             try:
-                if drain.drain_batch():
-                    continue
-                self._sleep_until_due()
+                scrubber.drain(stop=self._stopping.is_set)
             except Exception:
-                LOG.exception('Drain failed; retrying in %.0f s', ERROR_PAUSE)
-                self._stopping.wait(ERROR_PAUSE)
+                pause = next(pauses)
+                LOG.exception('Drain failed; retrying in %.0f s', pause)
+                self._stopping.wait(pause)
+                continue
+            pauses = retry.delays(ERROR_PAUSE, MAX_ERROR_PAUSE)
+            self._sleep_until_due()
 
     def _sleep_until_due(self):
         # Clear before looking: a wake-up that lands after the look is
@@ -270,16 +281,16 @@ class Service:
         next_at = self._parts.queue.next_wakeup()
         timeout = MAX_IDLE
         if next_at is not None:
-            delta = (next_at - glance_db.utcnow()).total_seconds()
+            delta = (next_at - model.utcnow()).total_seconds()
             timeout = max(0.0, min(delta, MAX_IDLE))
         if timeout > 0:
             self._wake.wait(timeout)
 
     def status(self):
-        stats = self._parts.queue.stats(glance_db.utcnow())
+        stats = self._parts.queue.stats(model.utcnow())
         return {
             'host': self._conf.host,
             'time': datetime.datetime.now(datetime.UTC).isoformat(),
-            'scrub_time': self._endpoint.scrub_time,
+            'scrub_time': self._parts.schedule.scrub_time,
             **stats,
         }

@@ -6,26 +6,26 @@ from live images) and enqueues it.  Enqueue is idempotent, so running it
 while notifications flow, or on several hosts, only costs a few queries.
 """
 
-import datetime
 import logging
 
-from scrub_listener import glance_db
+from scrub_listener import model
 
 LOG = logging.getLogger(__name__)
 
 
 class Sweeper:
-    def __init__(self, glance_db_, queue, scrub_time, page_size):
-        self._db = glance_db_
+    """Finds due deletions in the Glance database and queues them."""
+
+    def __init__(self, glance_db, queue, schedule, page_size, now=None):
+        self._db = glance_db
         self._queue = queue
-        self.scrub_time = scrub_time  # seconds; mutable on SIGHUP
+        self._schedule = schedule
         self._page_size = page_size
+        self._now = now or model.utcnow
 
     def iter_due(self, now=None):
         """Yield pages of ``(Deletion, due_at)`` due at ``now``."""
-        now = now or glance_db.utcnow()
-        delay = datetime.timedelta(seconds=self.scrub_time)
-        deleted_before = now - delay
+        deleted_before = self._schedule.deleted_before(now or self._now())
         for pages in (
             self._db.iter_due_images(deleted_before, self._page_size),
             self._db.iter_due_removed_locations(
@@ -33,7 +33,7 @@ class Sweeper:
             ),
         ):
             for page in pages:
-                yield [(d, d.deleted_at + delay) for d in page]
+                yield [self._schedule.queued(d) for d in page]
 
     def sweep(self, now=None):
         """Enqueue everything due; return (found, newly queued)."""

@@ -17,7 +17,7 @@ from sqlalchemy import exc as sa_exc
 
 from scrub_listener import components
 from scrub_listener import exceptions
-from scrub_listener import glance_db
+from scrub_listener import model
 from scrub_listener import opts
 from scrub_listener import redaction
 
@@ -89,7 +89,7 @@ def usage_error(message):
 
 def restore(conf, image_id, direct):
     """Restore over RPC (the service does it), or ``direct``ly here."""
-    glance_db.validate_image_id(image_id)
+    model.validate_image_id(image_id)
     if direct:
         parts = components.build(conf)
         try:

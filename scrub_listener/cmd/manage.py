@@ -7,8 +7,8 @@ import sys
 from oslo_config import cfg
 
 from scrub_listener import components
-from scrub_listener import glance_db
 from scrub_listener import listing
+from scrub_listener import model
 from scrub_listener.cmd import common
 
 
@@ -76,8 +76,8 @@ def _list(conf):
         rows = listing.iter_rows(
             parts.glance_db,
             parts.queue,
-            conf.scrub_time,
-            glance_db.utcnow(),
+            parts.schedule,
+            model.utcnow(),
             owner=command.owner,
             name=command.image_name,
             deleted_since=command.deleted_since,
@@ -110,7 +110,7 @@ def _print_table(rows):
     for row in rows:
         count += 1
         state = row.state
-        if row.state == listing.FAILED:
+        if row.state is listing.State.FAILED:
             state = f'failed ({row.attempts} attempts): {row.last_error}'
         print(
             f'{row.id:36}  {(row.name or "")[:20]:20}  '

@@ -5,6 +5,7 @@ import json
 
 from scrub_listener import glance_db
 from scrub_listener import listing
+from scrub_listener import model
 from tests.unit.conftest import ago
 
 HOUR = 3600
@@ -12,7 +13,12 @@ HOUR = 3600
 
 def _rows(glance, gdb, due_queue, scrub_time=HOUR, page_size=500, **kw):
     rows = listing.iter_rows(
-        gdb, due_queue, scrub_time, glance_db.utcnow(), page_size, **kw
+        gdb,
+        due_queue,
+        model.Schedule(scrub_time),
+        glance_db.utcnow(),
+        page_size,
+        **kw,
     )
     return {row.id: row for row in rows}
 
@@ -41,11 +47,11 @@ def test_states(glance, gdb, due_queue):
     rows = _rows(glance, gdb, due_queue)
 
     assert {i: r.state for i, r in rows.items()} == {
-        waiting: listing.WAITING,
-        not_queued: listing.NOT_QUEUED,
-        due: listing.DUE,
-        in_progress: listing.IN_PROGRESS,
-        failed: listing.FAILED,
+        waiting: listing.State.WAITING,
+        not_queued: listing.State.NOT_QUEUED,
+        due: listing.State.DUE,
+        in_progress: listing.State.IN_PROGRESS,
+        failed: listing.State.FAILED,
     }
     row = rows[failed]
     assert (row.attempts, row.last_error) == (1, 'store on fire')
@@ -62,7 +68,7 @@ def test_due_time_comes_from_the_queue_entry(glance, gdb, due_queue):
     due_queue.enqueue([(d, fixed)])  # queued under another scrub_time
     row = _rows(glance, gdb, due_queue, scrub_time=HOUR)[image]
     assert row.due_at == fixed
-    assert row.state == listing.DUE
+    assert row.state == listing.State.DUE
 
 
 def test_entry_of_an_older_deletion_is_not_this_one(glance, gdb, due_queue):
@@ -71,7 +77,7 @@ def test_entry_of_an_older_deletion_is_not_this_one(glance, gdb, due_queue):
     due_queue.enqueue([(stale, ago(8 * HOUR))])
     due_queue.claim('w', 1)
     row = _rows(glance, gdb, due_queue)[image]
-    assert row.state == listing.WAITING
+    assert row.state == listing.State.WAITING
     assert row.due_at == row.deleted_at + datetime.timedelta(hours=1)
 
 
@@ -89,7 +95,7 @@ def test_as_json(glance, gdb, due_queue):
     data = json.loads(json.dumps(row.as_json()))
     assert data['id'] == image
     assert data['size'] == 7
-    assert data['state'] == listing.WAITING
+    assert data['state'] == listing.State.WAITING
     assert data['deleted_at'].endswith('Z')
     assert datetime.datetime.fromisoformat(data['due_at'][:-1]) == row.due_at
     assert data['next_attempt_at'] is None
@@ -102,5 +108,5 @@ def test_an_interrupted_scrub_shows_as_interrupted(glance, gdb, due_queue):
     glance.update('image_locations', row.id, status='scrub_interrupted')
     other = glance.make_image()
     states = {i: r.state for i, r in _rows(glance, gdb, due_queue).items()}
-    assert states[image] == listing.INTERRUPTED
-    assert states[other] != listing.INTERRUPTED
+    assert states[image] == listing.State.INTERRUPTED
+    assert states[other] != listing.State.INTERRUPTED

@@ -8,6 +8,7 @@ import oslo_messaging
 import pytest
 from sqlalchemy import exc as sa_exc
 
+from scrub_listener import model
 from scrub_listener import notification
 
 
@@ -28,7 +29,7 @@ def woken():
 @pytest.fixture
 def endpoint(gdb, due_queue, woken):
     return notification.ImageDeleteEndpoint(
-        gdb, due_queue, 3600, on_enqueued=woken.set
+        gdb, due_queue, model.Schedule(3600), on_enqueued=woken.set
     )
 
 
@@ -114,7 +115,7 @@ def test_database_outage_is_retried_in_place(
 ):
     monkeypatch.setattr(notification, 'RETRY_MIN', 0.001)
     flaky = FlakyQueue(due_queue, failures=3)
-    endpoint = notification.ImageDeleteEndpoint(gdb, flaky, 0)
+    endpoint = notification.ImageDeleteEndpoint(gdb, flaky, model.Schedule(0))
     image = glance.make_image()
     assert endpoint.info([_event(image)]) is None
     assert flaky.calls == 4
@@ -125,7 +126,7 @@ def test_stopping_during_an_outage_leaves_it_to_the_sweep(
     glance, gdb, due_queue
 ):
     flaky = FlakyQueue(due_queue, failures=10**6)
-    endpoint = notification.ImageDeleteEndpoint(gdb, flaky, 0)
+    endpoint = notification.ImageDeleteEndpoint(gdb, flaky, model.Schedule(0))
     endpoint.stopping.set()
     image = glance.make_image()
     assert endpoint.info([_event(image)]) is None  # acked, not looping

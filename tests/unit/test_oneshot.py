@@ -7,8 +7,8 @@ import types
 import futurist
 import pytest
 
-from scrub_listener import drain
 from scrub_listener import exceptions
+from scrub_listener import model
 from scrub_listener import oneshot
 from scrub_listener import scrubber
 from scrub_listener import sweep
@@ -28,13 +28,22 @@ class ResolvingStores(FakeStores):
 @pytest.fixture
 def parts(gdb, due_queue):
     stores = ResolvingStores()
-    scrub = scrubber.Scrubber(gdb, stores, futurist.SynchronousExecutor())
+    schedule = model.Schedule(0)
+    scrub = scrubber.Scrubber(
+        gdb,
+        stores,
+        futurist.SynchronousExecutor(),
+        queue=due_queue,
+        owner='me',
+        batch_size=2,
+        schedule=schedule,
+    )
     return types.SimpleNamespace(
         glance_db=gdb,
         queue=due_queue,
         stores=stores,
-        sweeper=sweep.Sweeper(gdb, due_queue, 0, 2),
-        drain=drain.Drain(due_queue, scrub, 'me', 2, 0),
+        sweeper=sweep.Sweeper(gdb, due_queue, schedule, 2),
+        scrubber=scrub,
     )
 
 

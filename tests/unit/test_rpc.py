@@ -227,7 +227,7 @@ def test_a_long_id_is_refused_without_parsing_it(api, monkeypatch):
     # is redacted): only a UUID-sized text goes to validate_image_id
     seen = []
     monkeypatch.setattr(
-        rpc.glance_db, 'validate_image_id', lambda i: seen.append(i) or i
+        rpc.model, 'validate_image_id', lambda i: seen.append(i) or i
     )
     refused(api.restore, admin(), 'a' * 37)
     refused(api.restore, admin(), 12345)

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from scrub_listener import exceptions
+from scrub_listener import model
 from scrub_listener import scrubber
 from tests.unit.conftest import ago
 from tests.unit.conftest import path_of
@@ -34,7 +35,7 @@ def _statuses(glance, image_id):
 def test_scrub_deletes_data_and_rows(glance, scrub, stores):
     images = [glance.make_image(data=b'x' * n) for n in (100, 200, 300)]
     outcomes = scrub.scrub([glance.deletion(i) for i in images])
-    assert [o.status for o in outcomes] == [scrubber.SCRUBBED] * 3
+    assert [o.status for o in outcomes] == [model.Result.SCRUBBED] * 3
     assert [o.bytes_freed for o in outcomes] == [100, 200, 300]
     assert all(o.image_deleted and o.locations == 1 for o in outcomes)
     for image_id in images:
@@ -56,7 +57,7 @@ def test_one_failing_location_keeps_the_image_pending(glance, scrub, stores):
         [glance.deletion(image), glance.deletion(other)]
     )
 
-    assert failed.status == scrubber.FAILED
+    assert failed.status == model.Result.FAILED
     assert 'disk on fire' in failed.reason
     assert failed.locations == 1  # the good one is gone
     assert not failed.image_deleted
@@ -67,13 +68,13 @@ def test_one_failing_location_keeps_the_image_pending(glance, scrub, stores):
     assert os.path.exists(path_of(bad_url))
     assert not os.path.exists(glance.path(image))
     # the other image of the batch is not held back
-    assert ok.status == scrubber.SCRUBBED
+    assert ok.status == model.Result.SCRUBBED
     assert glance.image(other).status == 'deleted'
 
     # the retry after the store recovered finishes the job
     del stores.fail[bad_url]
     [retry] = scrub.scrub([glance.deletion(image)])
-    assert retry.status == scrubber.SCRUBBED and retry.image_deleted
+    assert retry.status == model.Result.SCRUBBED and retry.image_deleted
     assert glance.image(image).status == 'deleted'
 
 
@@ -88,7 +89,7 @@ def test_refused_location_fails_and_keeps_the_data(glance, gdb, executor):
     [outcome] = scrubber.Scrubber(gdb, RefusingStores(), executor).scrub(
         [glance.deletion(image)]
     )
-    assert outcome.status == scrubber.FAILED
+    assert outcome.status == model.Result.FAILED
     assert 'outside the store' in outcome.reason
     assert os.path.exists(glance.path(image))
     assert set(_statuses(glance, image).values()) == {'pending_delete'}
@@ -101,7 +102,7 @@ def test_shared_data_is_kept(glance, scrub, stores):
 
     [outcome] = scrub.scrub([glance.deletion(dead)])
 
-    assert outcome.status == scrubber.SCRUBBED
+    assert outcome.status == model.Result.SCRUBBED
     assert outcome.bytes_freed == 0
     assert stores.calls == []
     assert os.path.exists(glance.path(live))
@@ -114,7 +115,7 @@ def test_already_gone_counts_as_scrubbed(glance, scrub):
     image = glance.make_image()
     os.unlink(glance.path(image))
     [outcome] = scrub.scrub([glance.deletion(image)])
-    assert outcome.status == scrubber.SCRUBBED
+    assert outcome.status == model.Result.SCRUBBED
     assert outcome.bytes_freed == 0
     assert glance.image(image).status == 'deleted'
 
@@ -124,7 +125,7 @@ def test_restored_image_is_skipped(glance, gdb, scrub, stores):
     deletion = glance.deletion(image)
     gdb.restore(image, lambda locations: None, 60)
     [outcome] = scrub.scrub([deletion])
-    assert outcome.status == scrubber.SKIPPED
+    assert outcome.status == model.Result.SKIPPED
     assert stores.calls == []
     assert os.path.exists(glance.path(image))
 
@@ -135,7 +136,7 @@ def test_superseded_deletion_is_reported(glance, gdb, scrub, stores):
     gdb.restore(image, lambda locations: None, 60)
     glance.glance_delete(image, ago(5))
     [outcome] = scrub.scrub([old])
-    assert outcome.status == scrubber.SKIPPED
+    assert outcome.status == model.Result.SKIPPED
     assert outcome.superseded_by == glance.image(image).deleted_at
     assert stores.calls == []
 
@@ -144,7 +145,7 @@ def test_busy_image_is_left_alone(glance, gdb, scrub, stores):
     image = glance.make_image()
     gdb.claim([glance.deletion(image)])  # another worker has it
     [outcome] = scrub.scrub([glance.deletion(image)])
-    assert outcome.status == scrubber.BUSY
+    assert outcome.status == model.Result.BUSY
     assert stores.calls == []
     assert os.path.exists(glance.path(image))
 
@@ -154,7 +155,7 @@ def test_corrupt_location_fails_the_deletion(glance, scrub, stores):
     bad = glance.add_location(image, 'file:///x', status='pending_delete')
     glance.update('image_locations', bad, meta_data='{not json')
     [outcome] = scrub.scrub([glance.deletion(image)])
-    assert outcome.status == scrubber.FAILED
+    assert outcome.status == model.Result.FAILED
     assert f'location {bad}' in outcome.reason
     assert glance.image(image).status == 'pending_delete'
 
@@ -162,7 +163,7 @@ def test_corrupt_location_fails_the_deletion(glance, scrub, stores):
 def test_image_row_without_locations_is_closed(glance, scrub):
     image = glance.make_image(locations=[])
     [outcome] = scrub.scrub([glance.deletion(image)])
-    assert outcome.status == scrubber.SCRUBBED
+    assert outcome.status == model.Result.SCRUBBED
     assert outcome.image_deleted
     assert glance.image(image).status == 'deleted'
 
@@ -173,7 +174,7 @@ def test_removed_location_of_live_image(glance, scrub):
     removed = glance.add_location(live, url)
     glance.remove_location(removed, ago(100))
     [outcome] = scrub.scrub([glance.location_deletion(removed)])
-    assert outcome.status == scrubber.SCRUBBED
+    assert outcome.status == model.Result.SCRUBBED
     assert not outcome.image_deleted
     assert glance.image(live).status == 'active'
     assert not os.path.exists(path_of(url))
@@ -223,7 +224,7 @@ def test_failed_claim_renewal_does_not_hand_back_running_deletes(
     [outcome] = scrub.scrub([glance.deletion(image)])
 
     assert started, 'the batch was meant to try a renewal'
-    assert outcome.status == scrubber.SCRUBBED
+    assert outcome.status == model.Result.SCRUBBED
     assert glance.image(image).status == 'deleted'
     assert not os.path.exists(glance.path(image))
 
@@ -257,7 +258,7 @@ def test_finish_is_retried_while_the_database_is_away(
 
     outcomes = scrub.scrub([glance.deletion(i) for i in images])
 
-    assert [o.status for o in outcomes] == [scrubber.SCRUBBED] * 3
+    assert [o.status for o in outcomes] == [model.Result.SCRUBBED] * 3
     assert len(waits) == 2
     for image_id in images:
         assert glance.image(image_id).status == 'deleted'
@@ -297,10 +298,10 @@ def test_an_unexpected_store_exception_fails_one_location_only(
 
     [failed, ok] = scrub.scrub([glance.deletion(bad), glance.deletion(good)])
 
-    assert failed.status == scrubber.FAILED
+    assert failed.status == model.Result.FAILED
     assert f'location {bad_row.id}' in failed.reason
     assert 'ValueError' in failed.reason
-    assert ok.status == scrubber.SCRUBBED
+    assert ok.status == model.Result.SCRUBBED
     # nobody knows what the store did: never revived, retried at once
     assert glance.locations(bad)[0].status == 'scrub_interrupted'
 
@@ -324,7 +325,7 @@ def test_only_a_clean_refusal_keeps_the_data_revivable(
     [row] = glance.locations(image)
     stores.fail[row.value] = error
     [outcome] = scrub.scrub([glance.deletion(image)])
-    assert outcome.status == scrubber.FAILED
+    assert outcome.status == model.Result.FAILED
     assert glance.locations(image)[0].status == status
 
 

@@ -2,6 +2,7 @@
 
 import datetime
 
+from scrub_listener import model
 from scrub_listener import sweep
 from tests.unit.conftest import ago
 
@@ -14,7 +15,7 @@ def test_sweep_queues_what_is_due_once(glance, gdb, due_queue):
     live = glance.make_image(status='active')
     removed = glance.add_location(live, glance.write_file('old'))
     glance.remove_location(removed, ago(2 * HOUR))
-    sweeper = sweep.Sweeper(gdb, due_queue, HOUR, page_size=2)
+    sweeper = sweep.Sweeper(gdb, due_queue, model.Schedule(HOUR), page_size=2)
 
     assert sweeper.sweep() == (6, 6)
     assert sweeper.sweep() == (6, 0)
@@ -32,9 +33,10 @@ def test_sweep_queues_what_is_due_once(glance, gdb, due_queue):
 
 def test_iter_due_uses_the_current_scrub_time(glance, gdb, due_queue):
     image = glance.make_image(deleted_at=ago(600))
-    sweeper = sweep.Sweeper(gdb, due_queue, HOUR, page_size=10)
+    schedule = model.Schedule(HOUR)
+    sweeper = sweep.Sweeper(gdb, due_queue, schedule, page_size=10)
     assert list(sweeper.iter_due()) == []
-    sweeper.scrub_time = 300  # SIGHUP
+    schedule.scrub_time = 300  # SIGHUP
     [[(deletion, due_at)]] = list(sweeper.iter_due())
     assert deletion.image_id == image
     assert due_at == deletion.deleted_at + datetime.timedelta(seconds=300)
