@@ -24,6 +24,11 @@ creates them all and removes them afterwards):
 
 Row readers on any URL: ``image_statuses``, ``location_statuses``,
 ``queue_rows``; ``sqlite_queue_url(workdir)`` the default due-queue.
+
+``GlanceDatabase(url)``: one Glance database in this process (``engine``
+without a pool, reflected ``tables``, ``backend``), written as glance-api
+33 writes it (``glance_delete``, ``remove_location``); the base of the
+tests' own views of a world (``conftest.Env``, ``Cluster``).
 """
 
 import contextlib
@@ -155,6 +160,34 @@ def scrubbed(url, store_dir, image_id):
     return statuses[image_id] == 'deleted' and all(
         s == 'deleted' for s in locations
     )
+
+
+class GlanceDatabase:
+    """One Glance database (real schema), read and written in-process.
+
+    ``engine`` has no pool (nothing stays open between calls); ``tables``
+    are the image tables, reflected; ``backend`` is ``sqlite``, ``mysql``
+    or ``postgresql``.  ``close()`` disposes of the engine.
+    """
+
+    def __init__(self, glance_url):
+        self.glance_url = glance_url
+        self.backend = harness.backend_of(glance_url)
+        self.engine = engine(glance_url)
+        meta = sa.MetaData()
+        meta.reflect(self.engine, only=harness.GLANCE_IMAGE_TABLES)
+        self.tables = meta.tables
+
+    def glance_delete(self, image_id, when):
+        """What glance-api 33 does on DELETE with delayed_delete."""
+        glance_rows.glance_delete(self.engine, image_id, when)
+
+    def remove_location(self, location_id, when):
+        """What glance-api does to a location removed from a live image."""
+        glance_rows.remove_location(self.engine, location_id, when)
+
+    def close(self):
+        self.engine.dispose()
 
 
 # ------------------------------------------------------------------ world

@@ -42,7 +42,6 @@ import urllib.parse
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy import pool
 
 from scrub_listener import db
 from scrub_listener import exceptions
@@ -53,6 +52,7 @@ from tools import glance_rows
 from tools import harness
 from tools import hooks
 from tools import service_process
+from tools import world
 
 SCRUB_LISTENER = service_process.SERVICE
 MANAGE = service_process.MANAGE
@@ -162,20 +162,15 @@ def verify_files(locations):
             )
 
 
-class Cluster:
+class Cluster(world.GlanceDatabase):
     """A Glance database (real schema), a file store and everything a test
     starts on them: engines, configs, processes, gates, queue databases."""
 
     def __init__(self, glance_url, tmp_path):
-        self.glance_url = glance_url
-        self.backend = harness.backend_of(glance_url)
-        self.engine = sa.create_engine(glance_url, poolclass=pool.NullPool)
+        super().__init__(glance_url)
         self.tmp = str(tmp_path)
         self.store_dir = os.path.join(self.tmp, 'images')
         harness.make_datadir(self.store_dir)
-        meta = sa.MetaData()
-        meta.reflect(self.engine, only=harness.GLANCE_IMAGE_TABLES)
-        self.tables = meta.tables
         self._engines = []
         self._procs = []
         self._gates = []
@@ -298,14 +293,6 @@ class Cluster:
             for i in image_ids
         ]
 
-    def glance_delete(self, image_id, when):
-        """What glance-api 33 does on DELETE with delayed_delete."""
-        glance_rows.glance_delete(self.engine, image_id, when)
-
-    def remove_location(self, location_id, when):
-        """What glance-api does to a location removed from a live image."""
-        glance_rows.remove_location(self.engine, location_id, when)
-
     def rows(self, image_ids):
         """({id: image row}, {id: [location rows]}) in two queries."""
         images = self.tables['images']
@@ -390,7 +377,7 @@ class Cluster:
             proc.close()
         for engine in self._engines:
             engine.dispose()
-        self.engine.dispose()
+        super().close()
         for url in self._dbs:
             harness.drop_database(url)
 

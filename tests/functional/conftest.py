@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -43,10 +42,11 @@ from scrub_listener import queue as product_queue
 from tests.functional import concurrency_fixtures
 from tools import glance_rows
 from tools import harness
+from tools import service_process
+from tools import world
 
-BIN_DIR = os.path.dirname(sys.executable)
-SCRUB_LISTENER = os.path.join(BIN_DIR, 'scrub-listener')
-MANAGE = os.path.join(BIN_DIR, 'scrub-listener-manage')
+SCRUB_LISTENER = service_process.SERVICE
+MANAGE = service_process.MANAGE
 
 #: How the tests restore: in the databases, no running service needed.
 RESTORE = ('restore', '--direct')
@@ -159,13 +159,11 @@ def _norm(row):
     return row
 
 
-class Env:
+class Env(world.GlanceDatabase):
     """One Glance DB + file store + scrub-listener config, for one test."""
 
     def __init__(self, glance_url, queue_url, tmp_path):
-        self.glance_url = glance_url
-        self.backend = harness.backend_of(glance_url)
-        self.engine = sa.create_engine(glance_url, poolclass=pool.NullPool)
+        super().__init__(glance_url)
         self.queue_url = queue_url
         self.tmp = tmp_path
         self.store_dir = str(tmp_path / 'images')
@@ -177,9 +175,6 @@ class Env:
         os.makedirs(self.outside_dir, exist_ok=True)
         self.config_file = str(tmp_path / 'scrub-listener.conf')
         self.configure()
-        meta = sa.MetaData()
-        meta.reflect(self.engine, only=harness.GLANCE_IMAGE_TABLES)
-        self.tables = meta.tables
 
     # -- configuration
 
@@ -328,14 +323,6 @@ class Env:
         with self.engine.begin() as conn:
             conn.execute(self.tables[table].insert(), row)
 
-    def remove_location(self, location_id, when):
-        """What glance-api does to a location removed from a live image."""
-        glance_rows.remove_location(self.engine, location_id, when)
-
-    def glance_delete(self, image_id, when):
-        """What glance-api 33 does on DELETE with delayed_delete."""
-        glance_rows.glance_delete(self.engine, image_id, when)
-
     def queue_url_effective(self):
         return self.queue_url or (
             f'sqlite:///{os.path.join(self.state_path, "scrub-queue.sqlite")}'
@@ -380,9 +367,6 @@ class Env:
             assert row['deleted'] is True, row
         for path in paths or [self.data_path(image_id)]:
             assert not os.path.lexists(path), path
-
-    def close(self):
-        self.engine.dispose()
 
 
 @pytest.fixture(scope='session')
