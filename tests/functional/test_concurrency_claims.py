@@ -20,6 +20,7 @@ import pytest
 
 from scrub_listener import exceptions
 from scrub_listener import glance_db
+from scrub_listener import model
 from scrub_listener import scrubber as scrubber_mod
 from tests.functional.concurrency_fixtures import KEY
 from tests.functional.concurrency_fixtures import RESTORE_REFUSALS
@@ -247,7 +248,7 @@ def test_thread_storm_of_scrubs_and_restores(cluster):
         deletions[i] for i in ids if image_rows[i].status == 'pending_delete'
     ]
     for outcome in final.scrub(leftover):
-        assert outcome.status == scrubber_mod.SCRUBBED, outcome
+        assert outcome.status == model.Result.SCRUBBED, outcome
     cluster.assert_final_state(originals, restored=restored)
     assert restored, 'no restore won: the race was not exercised'
 

@@ -16,9 +16,9 @@ import futurist
 import pytest
 import sqlalchemy as sa
 
-from scrub_listener import drain as drain_mod
 from scrub_listener import exceptions
 from scrub_listener import glance_db
+from scrub_listener import model
 from scrub_listener import notification
 from scrub_listener import queue as queue_mod
 from scrub_listener import scrubber as scrubber_mod
@@ -43,13 +43,15 @@ def _in_process_drain(cluster, queue_url, scrub_time, stores=None):
     gdb = cluster.glance_db()
     due_queue = cluster.due_queue(queue_url)
     scrubber = scrubber_mod.Scrubber(
-        gdb, stores or FileStores(), futurist.SynchronousExecutor()
-    )
-    return (
         gdb,
-        due_queue,
-        drain_mod.Drain(due_queue, scrubber, 'test-worker', 50, scrub_time),
+        stores or FileStores(),
+        futurist.SynchronousExecutor(),
+        queue=due_queue,
+        owner='test-worker',
+        batch_size=50,
+        schedule=model.Schedule(scrub_time),
     )
+    return gdb, due_queue, scrubber
 
 
 def test_late_event_after_restore_then_deleted_again(cluster):
@@ -76,16 +78,16 @@ def test_late_event_after_restore_then_deleted_again(cluster):
             return times
 
     endpoint = notification.ImageDeleteEndpoint(
-        RestoreRightAfterRead(), due_queue, scrub_time
+        RestoreRightAfterRead(), due_queue, model.Schedule(scrub_time)
     )
     endpoint.info([{'payload': {'id': image_id}, 'metadata': {}}])
     [entry] = due_queue.entries_for({image_id})[image_id]
     assert entry.due_at < utcnow()  # deleted an hour ago: due now
     assert cluster.image(image_id).status == 'active'
 
-    [outcome] = the_drain.drain_batch()
+    [outcome] = the_drain.scrub_batch()
 
-    assert outcome.status == scrubber_mod.SKIPPED
+    assert outcome.status == model.Result.SKIPPED
     assert due_queue.count() == 0
     cluster.assert_final_state(originals, restored={image_id})
 
@@ -94,8 +96,8 @@ def test_late_event_after_restore_then_deleted_again(cluster):
     due_queue.enqueue([(old, old.deleted_at)])
     new_time = ago(2)
     cluster.glance_delete(image_id, new_time)
-    [outcome] = the_drain.drain_batch()
-    assert outcome.status == scrubber_mod.SKIPPED
+    [outcome] = the_drain.scrub_batch()
+    assert outcome.status == model.Result.SKIPPED
     assert outcome.superseded_by == cluster.image(image_id).deleted_at
     assert os.path.exists(cluster.data_path(image_id))
     [row] = due_queue.entries_for({image_id})[image_id]
@@ -103,14 +105,16 @@ def test_late_event_after_restore_then_deleted_again(cluster):
     assert row.due_at == row.deletion.deleted_at + datetime.timedelta(
         seconds=scrub_time
     )
-    assert the_drain.drain_batch() == []
+    assert the_drain.scrub_batch() == []
     # a late event for the new deletion adds nothing
-    endpoint = notification.ImageDeleteEndpoint(gdb, due_queue, scrub_time)
+    endpoint = notification.ImageDeleteEndpoint(
+        gdb, due_queue, model.Schedule(scrub_time)
+    )
     endpoint.info([{'payload': {'id': image_id}, 'metadata': {}}])
     assert due_queue.count() == 1
     # when its time comes, it is scrubbed
-    [outcome] = the_drain.drain_batch(due_before=row.due_at)
-    assert outcome.status == scrubber_mod.SCRUBBED
+    [outcome] = the_drain.scrub_batch(due_before=row.due_at)
+    assert outcome.status == model.Result.SCRUBBED
     assert not os.path.exists(cluster.data_path(image_id))
 
 
@@ -186,7 +190,7 @@ def test_old_location_entry_does_not_scrub_a_later_removal_early(cluster):
     # removed again, now: must stay until now + scrub_time
     cluster.remove_location(extra, ago(0))
 
-    the_drain.drain_batch()
+    the_drain.scrub_batch()
 
     assert os.path.exists(extra_path), 'scrubbed an hour early'
 
