@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 
+from tools import hooks
 from tools.bench import measure
 from tools.bench import workload as workload_mod
 
@@ -40,7 +41,6 @@ NET_MIN_SECONDS = 1.0
 
 #: N of the runs that measure a tool's fixed cost per process.
 FIXED_N = 1
-SLOWSTORE_DIR = os.path.join(os.path.dirname(__file__), 'slowstore')
 
 _DONE = re.compile(r'^Done: (?P<text>.*)$', re.MULTILINE)
 
@@ -99,11 +99,14 @@ def child_env(delete_delay=0.0, delete_delay_per_mib=0.0, code_dir=None):
     # noise are not what we measure).
     env['PYTHONWARNINGS'] = 'ignore'
     if delete_delay or delete_delay_per_mib:
-        env['PYTHONPATH'] = os.pathsep.join(
-            p for p in (SLOWSTORE_DIR, env.get('PYTHONPATH')) if p
+        # the shared import hook (tools/hooks) slows every store delete
+        env.update(
+            hooks.hook_env(
+                env,
+                BENCH_STORE_DELETE_DELAY=delete_delay,
+                BENCH_STORE_DELETE_DELAY_PER_MIB=delete_delay_per_mib,
+            )
         )
-        env['BENCH_STORE_DELETE_DELAY'] = str(delete_delay)
-        env['BENCH_STORE_DELETE_DELAY_PER_MIB'] = str(delete_delay_per_mib)
     return env
 
 

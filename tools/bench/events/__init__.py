@@ -3,13 +3,14 @@
 ``python -m tools.bench events [--scenario ingest|latency|rss|rpc|all]``
 
 Every scenario runs the real service, ``scrub-listener --config-file F``
-(no ``--sweep-once``), as a child process in its own process group, on a
-fresh world (:mod:`.fixtures`): a Glance 33.0.0 database on MariaDB (real
+(no ``--sweep-once``), as a child process in its own process group
+(:mod:`tools.service_process`), on a fresh world (:mod:`.fixtures` on
+:mod:`tools.world`): a Glance 33.0.0 database on MariaDB (real
 ``glance-manage db_sync``, :mod:`tools.harness`), a file store, a RabbitMQ
 vhost, and the due-queue on SQLite under ``state_path`` (default) or a
 fresh database (``--queue-backend mysql|postgresql``).  Images are written
 as glance-api 33 leaves them (:mod:`tools.glance_rows`); notifications are
-published as glance-api 33 publishes them (:mod:`.notifications`:
+published as glance-api 33 publishes them (:mod:`tools.publisher`:
 exchange ``glance``, topic, non-durable, routing key
 ``notifications.info``, oslo envelope 2.0, the payload seen on the wire:
 see /work/shared/NOTES.md).  Everything made is removed at the end, and
@@ -28,7 +29,8 @@ One module per scenario, each saying what it measures and how:
     the RPC ``status()`` / ``restore()`` round trip and
     ``scrub-listener-manage restore``.
 
-What they share: :mod:`.common` (constants, statistics, CPU and memory
+What they share: :mod:`.fixtures` (the world, on the scaffolding the
+tests use too), :mod:`.common` (constants, statistics, CPU and memory
 readings, the quiet-machine wait), :mod:`.profiling` (py-spy), and
 :mod:`.cli` (options, the run, the results file, ``--report``).
 

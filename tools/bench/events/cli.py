@@ -18,6 +18,7 @@ import sys
 import time
 
 from tools import harness
+from tools import service_process
 from tools.bench.events import common
 from tools.bench.events import ingest
 from tools.bench.events import latency
@@ -281,7 +282,10 @@ def main(args=None):
             started = time.monotonic()
             try:
                 result = RUNNERS[name](args)
-            except harness.HarnessError as exc:
+            except (
+                harness.HarnessError,
+                service_process.WaitTimeout,
+            ) as exc:
                 common.log(f'  FAILED: {exc}')
                 result = {
                     'scenario': name,

@@ -8,10 +8,8 @@ Nothing here measures on its own: the scenarios (:mod:`.ingest`,
 
 import datetime
 import os
-import shutil
 import statistics
 import subprocess
-import sys
 import threading
 import time
 
@@ -30,9 +28,6 @@ DEFAULT_BATCH = 100
 DEFAULT_PREFETCH = 200
 POOL_QUEUE = 'scrub-listener'
 RPC_TOPIC = 'scrub-listener-api'
-EXCHANGE = 'glance'
-ROUTING_KEY = 'notifications.info'
-STARTED = 'scrub-listener started on '
 
 TARGETS = {
     'ingest_per_s': 1500,
@@ -148,11 +143,6 @@ def machine(queue_backend):
     with open('/proc/loadavg') as f:
         info['loadavg_at_start'] = f.read().split()[:3]
     return info
-
-
-def bin_path(name):
-    path = os.path.join(os.path.dirname(sys.executable), name)
-    return path if os.path.exists(path) else shutil.which(name) or name
 
 
 def as_datetime(value):

@@ -1,70 +1,95 @@
-"""The world an event-path scenario runs in, and the service process.
+"""The world an event-path scenario runs in, on the shared test scaffolding.
 
-:class:`World`: a Glance 33.0.0 database on MariaDB (real ``glance-manage
-db_sync``, :mod:`tools.harness`), a file store, a RabbitMQ vhost, the
-due-queue on SQLite under ``state_path`` or a fresh database, the config
-files and every service started in it; all removed again on exit.
-:class:`ServiceProcess`: ``scrub-listener --config-file F`` in its own
-process group.  Used by every scenario of ``python -m tools.bench
-events``; measures nothing itself.
+:class:`World` is a :func:`tools.world.new_world` (a Glance 33.0.0
+database on MariaDB made by the real ``glance-manage db_sync``, a file
+store, a RabbitMQ vhost with its :class:`tools.publisher.GlancePublisher`,
+the due-queue on SQLite under ``state_path`` or a fresh database, and the
+:class:`tools.service_process.ServiceProcess` of every service started in
+it; all removed again on exit) with what the benchmarks need on top:
+
+* thousands of images at once (:func:`tools.glance_rows.bulk_pending_images`);
+* an autocommit, read-only engine on the due-queue to poll its row count
+  while the service fills it (never creating the SQLite file first), and
+  a reset of the queue between runs;
+* the listener's pool queue under the product's default name (the vhost is
+  the world's own), the service configured as in production (product
+  defaults for what a run does not set) and without the delete log the
+  tests switch on;
+* the list of what it created (``created``), for the smoke test to check
+  that it is all gone, and ``--keep-logs``.
+
+Used by every scenario of ``python -m tools.bench events``; measures
+nothing itself.
 """
 
 import contextlib
+import datetime
 import os
 import shutil
-import signal
-import subprocess
-import tempfile
 import time
+import uuid
 
 import sqlalchemy as sa
-from sqlalchemy import pool as sa_pool
 
 from tools import glance_rows
 from tools import harness
+from tools import publisher
+from tools import world as world_mod
 from tools.bench.events import common
-from tools.bench.events import notifications
+
+
+def glance_message(image_id, size=1):
+    """The ``image.delete`` message glance-api 33 sends for a bench image
+    of ``size`` bytes (:func:`tools.publisher.glance_delete_message`)."""
+    return publisher.glance_delete_message(
+        image_id, name='bench', size=size, virtual_size=size
+    )
+
+
+def delete_messages(ids):
+    """``image.delete`` messages of ``ids``, one by one."""
+    for image_id in ids:
+        yield glance_message(image_id)
 
 
 class World:
-    """Glance DB, store, due-queue DB, vhost, config files, processes."""
+    """A :func:`tools.world.new_world` plus the benchmarks' own needs."""
+
+    #: The listener's pool queue: the product's default (own vhost).
+    pool = common.POOL_QUEUE
 
     def __init__(self, queue_backend='sqlite', keep_logs=None):
         self.queue_backend = queue_backend
         self.keep_logs = keep_logs
-        self.workdir = None
-        self.glance_url = None
-        self.queue_url = None
-        self.vhost = None
-        self.transport_url = None
-        self.broker = None
-        self.services = []
+        self.base = None
         self.created = {}
+        # what the shared world holds (set by setup())
+        self.workdir = self.glance_url = self.queue_url = None
+        self.transport_url = self.store_dir = self.publisher = None
+        self._stack = None
         self._glance_engine = None
         self._queue_engine = None
 
-    def path(self, *parts):
-        return os.path.join(self.workdir, *parts)
-
-    @property
-    def store_dir(self):
-        return self.path('images')
-
     def setup(self):
-        self.workdir = tempfile.mkdtemp(prefix=harness.NAME_PREFIX + 'events_')
+        self._stack = contextlib.ExitStack()
         try:
-            for sub in ('images', 'state', 'logs', 'hooks'):
-                os.makedirs(self.path(sub))
-            self.glance_url = harness.create_glance_database('mysql')
-            if self.queue_backend != 'sqlite':
-                self.queue_url = harness.create_empty_database(
-                    self.queue_backend
+            self.base = self._stack.enter_context(
+                world_mod.new_world(
+                    queue_backend=None
+                    if self.queue_backend == 'sqlite'
+                    else self.queue_backend,
+                    unique=False,
                 )
-            self.vhost, self.transport_url = harness.create_vhost()
-            self.broker = notifications.Broker(self.transport_url)
+            )
+            base = self.base
+            self.workdir, self.store_dir = base.workdir, base.store_dir
+            self.glance_url, self.queue_url = base.glance_url, base.queue_url
+            self.transport_url = base.transport_url
+            self.publisher = base.publisher
+            os.makedirs(self.path('state'))
             # What to look for after the run: all of it must be gone.
             self.created = {
-                'vhost': self.vhost,
+                'vhost': self.base.vhost.name,
                 'databases': [
                     sa.engine.make_url(url).database
                     for url in (self.glance_url, self.queue_url)
@@ -84,50 +109,58 @@ class World:
         self.cleanup()
 
     def cleanup(self):
-        for svc in self.services:
-            svc.kill()
-            if self.keep_logs and os.path.exists(svc.log_path):
-                os.makedirs(self.keep_logs, exist_ok=True)
-                shutil.copyfile(
-                    svc.log_path,
-                    os.path.join(
-                        self.keep_logs, os.path.basename(svc.log_path)
-                    ),
-                )
-        self.services = []
-        if self.broker is not None:
-            self.broker.close()
-            self.broker = None
+        if self.base is not None:
+            for svc in self.base.processes:
+                svc.close()  # killed before anything else goes
+                if self.keep_logs and os.path.exists(svc.log_path):
+                    os.makedirs(self.keep_logs, exist_ok=True)
+                    shutil.copy(svc.log_path, self.keep_logs)
+            self.base.close()
         for engine in (self._glance_engine, self._queue_engine):
             if engine is not None:
                 engine.dispose()
         self._glance_engine = self._queue_engine = None
-        if self.vhost:
-            with contextlib.suppress(harness.HarnessError):
-                harness.delete_vhost(self.vhost)
-            self.vhost = None
-        for attr in ('glance_url', 'queue_url'):
-            url = getattr(self, attr)
-            if url:
-                harness.drop_database(url)
-                setattr(self, attr, None)
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+        if self._stack is not None:
+            self._stack.close()  # databases, vhost, work directory
+            self._stack = None
+        self.base = None
+
+    def path(self, *parts):
+        return self.base.work_path(*parts)
+
+    # -- the pool queue ----------------------------------------------------
+
+    def publish_deletes(self, ids):
+        """Publish the ``image.delete`` of ``ids``, wait until the pool
+        queue holds them; return the seconds taken."""
+        _, seconds = self.publisher.publish_all(
+            delete_messages(ids), self.pool
+        )
+        return seconds
+
+    def purge_pool(self):
+        """Messages left in the pool queue (then purged)."""
+        depth = self.publisher.depth(self.pool)
+        if depth:
+            self.publisher.purge(self.pool)
+        return depth
 
     # -- databases ---------------------------------------------------------
 
     @property
     def glance(self):
         if self._glance_engine is None:
-            self._glance_engine = sa.create_engine(
-                self.glance_url, poolclass=sa_pool.NullPool
-            )
+            self._glance_engine = world_mod.engine(self.glance_url)
         return self._glance_engine
 
     @property
     def sqlite_queue_path(self):
         return self.path('state', 'scrub-queue.sqlite')
+
+    @property
+    def queue_read_url(self):
+        """The due-queue, for readers (the service has made it)."""
+        return self.queue_url or world_mod.sqlite_queue_url(self.workdir)
 
     @property
     def queue(self):
@@ -155,11 +188,15 @@ class World:
             return 0  # the service has not created it yet
 
     def queue_rows(self):
+        """The due-queue rows, only the columns an ingest checks, as
+        tuples (not :func:`tools.world.queue_rows`: every column as a dict,
+        for the 500,000 rows of ``--prefill 500000``, is hundreds of MB
+        in this process)."""
         with self.queue.connect() as conn:
             return conn.execute(
                 sa.text(
                     'SELECT image_id, location_id, deleted_at, due_at, '
-                    'attempts, last_error FROM scrub_queue'
+                    'attempts FROM scrub_queue'
                 )
             ).all()
 
@@ -176,6 +213,21 @@ class World:
             for suffix in ('', '-journal', '-wal', '-shm'):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.sqlite_queue_path + suffix)
+
+    @contextlib.contextmanager
+    def product_queue(self):
+        """The due-queue through the product's own ``DueQueue`` (its
+        schema made if missing), for the duration of the block."""
+        from scrub_listener import db
+        from scrub_listener import queue
+
+        engine = db.create_engine(self.queue_read_url, 'bench')
+        try:
+            due_queue = queue.DueQueue(engine)
+            due_queue.create_schema()
+            yield due_queue
+        finally:
+            engine.dispose()
 
     def pending_images(self, count, size, active=False):
         """``count`` pending_delete images (rows as glance-api writes them,
@@ -221,7 +273,6 @@ class World:
 
     def config(
         self,
-        name,
         scrub_time=common.NEVER,
         wakeup_time=3600,
         pool_size=8,
@@ -229,151 +280,48 @@ class World:
         prefetch=None,
         extra=None,
     ):
+        """Config sections of a service on this world: product defaults
+        for everything not given here (``None`` leaves an option out)."""
         sections = {
-            'DEFAULT': {
-                'transport_url': self.transport_url,
-                'scrub_time': scrub_time,
-                'wakeup_time': wakeup_time,
-                'scrub_pool_size': pool_size,
-                'enabled_backends': {'fs': 'file'},
-                'state_path': self.path('state'),
-                'debug': False,
-                'use_stderr': True,
-            },
-            'database': {'connection': self.glance_url},
-            'glance_store': {'default_backend': 'fs'},
-            'fs': {'filesystem_store_datadir': self.store_dir},
-            'scrub_queue': {'connection': self.queue_url},
+            'scrubber': {'lease_time': None},
             'listener': {'batch_size': batch_size, 'prefetch': prefetch},
-            'rpc': {'timeout': 30},
-            'service': {'graceful_shutdown_timeout': 30},
+            'rpc': {'connect_retries': None},
         }
         for section, options in (extra or {}).items():
             sections.setdefault(section, {}).update(options)
-        return harness.write_config(self.path(f'{name}.conf'), sections)
-
-    def service(self, name, config, env=None):
-        svc = ServiceProcess(
-            config, self.path('logs', f'{name}.log'), env, self.workdir
+        return self.base.config(
+            scrub_time=scrub_time,
+            wakeup_time=wakeup_time,
+            pool_size=pool_size,
+            rpc_timeout=30,
+            extra=sections,
         )
-        self.services.append(svc)
-        return svc
+
+    def service(self, name, sections, env=None):
+        """A :class:`tools.service_process.ServiceProcess` (not started)
+        on ``sections``, config ``<name>.conf``, log ``<name>.log``."""
+        return self.base.service(name, sections, env=env)
 
 
-class ServiceProcess:
-    """``scrub-listener --config-file F``, its own process group."""
+#: How far in the future :func:`not_due` entries are due.
+NOT_DUE_IN = datetime.timedelta(days=60)
 
-    def __init__(self, config, log_path, env=None, cwd=None):
-        self.config = config
-        self.log_path = log_path
-        self.env = env or {}
-        self.cwd = cwd
-        self.proc = None
-        self._log = None
-        self.spawned_at = None
-        self.started_at = None
 
-    def start(self, timeout=90):
-        env = dict(os.environ, PYTHONWARNINGS='ignore', **self.env)
-        self._log = open(self.log_path, 'ab')
-        self.spawned_at = time.time()
-        self.proc = subprocess.Popen(
-            [common.bin_path('scrub-listener'), '--config-file', self.config],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.cwd,
-            start_new_session=True,
-        )
-        return self
+def not_due(count):
+    """``count`` entries for ``DueQueue.enqueue``: images unknown to
+    Glance, due in 60 days (never scrubbed during a run)."""
+    from scrub_listener import glance_db
 
-    def wait_started(self, timeout=90):
-        deadline = time.monotonic() + timeout
-        while common.STARTED not in self.log():
-            if self.proc.poll() is not None:
-                raise harness.HarnessError(
-                    f'scrub-listener exited with {self.proc.returncode} '
-                    f'during start:\n{self.log_tail()}'
-                )
-            if time.monotonic() > deadline:
-                raise harness.HarnessError(
-                    f'scrub-listener not started within {timeout} s:\n'
-                    f'{self.log_tail()}'
-                )
-            time.sleep(0.05)
-        self.started_at = time.time()
-        return self.started_at - self.spawned_at
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self):
-        try:
-            with open(self.log_path, 'rb') as f:
-                return f.read().decode('utf-8', 'replace')
-        except FileNotFoundError:
-            return ''
-
-    def log_tail(self, lines=25):
-        return '\n'.join(self.log().splitlines()[-lines:])
-
-    def problems_in_log(self, expected=()):
-        """Log lines that say something went wrong.
-
-        ``expected``: words of an error record we caused on purpose; every
-        line of that record (same time, pid, level and logger prefix) is
-        left out.
-        """
-        bad = ('ERROR', 'CRITICAL', 'Traceback', 'Dropping malformed')
-        lines = [
-            line
-            for line in self.log().splitlines()
-            if any(word in line for word in bad)
-        ]
-        prefixes = set()
-        for line in lines:
-            if expected and all(word in line for word in expected):
-                prefixes.add(line.split(' [', 1)[0])
-        return [
-            line
-            for line in lines
-            if not any(line.startswith(prefix) for prefix in prefixes)
-        ]
-
-    def stop(self, timeout=60):
-        """SIGTERM and wait; return (exit code, seconds) (None: killed)."""
-        if not self.alive():
-            return (self.proc.returncode if self.proc else None), 0.0
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            rc = None
-        self._close_log()
-        return rc, time.monotonic() - started
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-        self._close_log()
-
-    def _close_log(self):
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    later = glance_db.utcnow() + NOT_DUE_IN
+    return [
+        (glance_db.Deletion(str(uuid.uuid4()), None, later), later)
+        for _ in range(count)
+    ]
 
 
 def wait_count(world, svc, n, timeout, on_sample=None):
+    """Poll the due-queue until it holds ``n`` rows, the service exits
+    or ``timeout`` passes; return the last count."""
     deadline = time.monotonic() + timeout
     while True:
         count = world.queue_count()

@@ -22,18 +22,16 @@ acked), service exit 0 on SIGTERM, no error in its log.
 
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
-import uuid
 
 from tools import harness
+from tools import service_process
 from tools.bench.events import common
 from tools.bench.events import consumer
 from tools.bench.events import fixtures
-from tools.bench.events import notifications
 from tools.bench.events import profiling
 
 
@@ -42,7 +40,7 @@ def run_consumer(world, kind, n, prefetch, batch_size=100, timeout=600):
     spec = {
         'kind': kind,
         'n': n,
-        'queue': common.POOL_QUEUE,
+        'queue': world.pool,
         'prefetch': prefetch,
         'batch_size': batch_size,
         'batch_timeout': 0.2,
@@ -56,7 +54,7 @@ def run_consumer(world, kind, n, prefetch, batch_size=100, timeout=600):
         text=True,
         timeout=timeout + 60,
         cwd=world.workdir,
-        env=dict(os.environ, PYTHONWARNINGS='ignore'),
+        env=service_process.child_env(),
     )
     if proc.returncode != 0 or not proc.stdout.strip():
         raise harness.HarnessError(
@@ -104,25 +102,9 @@ def _check_queue_rows(world, ids, scrub_time, deleted_at, prefilled=0):
 def _prefill(world, count):
     """``count`` not-due entries (images unknown to Glance, due in 60
     days) put in the due-queue with the product's own code."""
-    from scrub_listener import db
-    from scrub_listener import glance_db
-    from scrub_listener import queue
-
-    url = world.queue_url or f'sqlite:///{world.sqlite_queue_path}'
-    engine = db.create_engine(url, 'bench')
-    try:
-        due_queue = queue.DueQueue(engine)
-        due_queue.create_schema()
-        later = glance_db.utcnow() + datetime.timedelta(days=60)
+    with world.product_queue() as due_queue:
         for start in range(0, count, 5000):
-            due_queue.enqueue(
-                [
-                    (glance_db.Deletion(str(uuid.uuid4()), None, later), later)
-                    for _ in range(min(5000, count - start))
-                ]
-            )
-    finally:
-        engine.dispose()
+            due_queue.enqueue(fixtures.not_due(min(5000, count - start)))
 
 
 def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
@@ -134,14 +116,15 @@ def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
     world.reset_queue()
     if prefill:
         _prefill(world, prefill)
-    _, pub_s = world.broker.publish_all(notifications.delete_messages(ids))
+    pub_s = world.publish_deletes(ids)
     name = f'ingest-b{batch}-p{prefetch}'
     config = world.config(
-        name, batch_size=batch, prefetch=prefetch, pool_size=args.pool
+        batch_size=batch, prefetch=prefetch, pool_size=args.pool
     )
     svc = world.service(name, config)
     calm = common.quiet(args)
-    svc.start()
+    spawned_at = time.time()
+    svc.start(wait=False)
     profiler = profiling.Profiler(
         args.profile if profile else None, 'ingest', svc.pid
     )
@@ -157,7 +140,9 @@ def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
             now = time.time()
             count = world.queue_count() - prefill
             samples.append((now, count))
-            if started_line is None and common.STARTED in svc.log():
+            if started_line is None and service_process.STARTED_RE.search(
+                svc.log()
+            ):
                 started_line = now
             rss_peak = max(
                 rss_peak, common.proc_status(svc.pid).get('VmRSS', 0)
@@ -165,7 +150,7 @@ def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
             if count >= n:
                 break
             if not svc.alive():
-                problems.append(f'service exited ({svc.proc.returncode})')
+                problems.append(f'service exited ({svc.returncode})')
                 break
             if time.monotonic() > deadline:
                 problems.append(f'only {count} of {n} rows after the timeout')
@@ -178,10 +163,9 @@ def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
     rc, stop_s = svc.stop()
     if rc != 0:
         problems.append(f'service exit code {rc} on SIGTERM')
-    depth = world.broker.depth()
+    depth = world.purge_pool()
     if depth:
         problems.append(f'{depth} messages left in the broker queue')
-        world.broker.purge()
     problems += _check_queue_rows(
         world, ids, common.NEVER, deleted_at, prefill
     )
@@ -204,8 +188,8 @@ def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
         'rate_from_start_line': n / (done_at - started_line)
         if started_line and done_at > started_line
         else None,
-        'seconds_from_spawn': done_at - svc.spawned_at,
-        'first_rows_at_s': first[0] - svc.spawned_at if first else None,
+        'seconds_from_spawn': done_at - spawned_at,
+        'first_rows_at_s': first[0] - spawned_at if first else None,
         'publish_s': pub_s,
         'vmhwm_mib': status.get('VmHWM', 0) / 1024,
         'vmrss_mib': status.get('VmRSS', 0) / 1024,
@@ -243,7 +227,7 @@ def _ingest_service(world, args, ids, deleted_at, batch, prefetch, profile):
 
 def _ingest_reference(world, args, ids, kind, prefetch, batch):
     n = len(ids)
-    _, pub_s = world.broker.publish_all(notifications.delete_messages(ids))
+    pub_s = world.publish_deletes(ids)
     calm = common.quiet(args)
     with common.CpuWindow(None) as cpu:
         out = run_consumer(world, kind, n, prefetch, batch)
@@ -251,10 +235,9 @@ def _ingest_reference(world, args, ids, kind, prefetch, batch):
     problems = []
     if out['count'] != n:
         problems.append(f'consumed {out["count"]} of {n}')
-    depth = world.broker.depth()
+    depth = world.purge_pool()
     if depth:
         problems.append(f'{depth} messages left in the broker queue')
-        world.broker.purge()
     rate = None
     if out['first'] and out['last'] > out['first']:
         rate = (out['count'] - out['first_count']) / (
@@ -312,7 +295,7 @@ def run(args):
         started = time.monotonic()
         ids = world.pending_images(n, size=1)
         deleted_at = {i: row[2] for i, row in world.glance_rows().items()}
-        world.broker.declare_pool_queue()
+        world.publisher.declare_pool_queue(world.pool)
         common.log(f'  setup {time.monotonic() - started:.1f} s')
         references = []
         if args.reference:

@@ -6,10 +6,11 @@ S] [--scrub-time T] [--pool P] [--wakeup-time W]``
 The service runs with ``scrub_time`` = 2 s.  Active images (with data)
 are deleted at a steady rate (``--rate`` per second for ``--duration``
 s): each deletion is the Glance rows update glance-api makes under
-``delayed_delete``, then the notification.  A ``sitecustomize.py`` put
-first on the service's ``PYTHONPATH`` wraps glance_store's filesystem
-``Store.delete`` and logs ``time.time()`` per path when the delete
-returned (the product is unchanged).  Latency = gone - due, due =
+``delayed_delete``, then the notification.  The shared import hook
+(:mod:`tools.hooks`, ``BENCH_GONE_LOG``), put first on the service's
+``PYTHONPATH``, wraps glance_store's filesystem ``Store.delete`` and logs
+``time.time()`` per path when the delete returned (the product is
+unchanged).  Latency = gone - due, due =
 ``deleted_at`` as stored in the Glance DB + ``scrub_time`` (the service's
 own definition of due).  Verified: every image ``deleted``, every file
 gone, each deleted once.  glance-scrubber's latency with ``wakeup_time``
@@ -17,110 +18,18 @@ W is computed for contrast, not measured.
 """
 
 import os
-import textwrap
 import time
 
 import sqlalchemy as sa
 
 from tools import glance_rows
+from tools import hooks
 from tools.bench.events import common
 from tools.bench.events import fixtures
-from tools.bench.events import notifications
 from tools.bench.events import profiling
 
-# ------------------------------------------------------------ latency hook
 
-#: sitecustomize.py for the service of the latency scenario: wraps
-#: glance_store's filesystem Store.delete (on import) and appends
-#: "<time.time()> <path>" to $BENCH_GONE_LOG when a delete returned.
-GONE_HOOK = textwrap.dedent(
-    '''\
-    """Bench hook (tools/bench/events.py): when did each file go?"""
-    import functools
-    import importlib.abc
-    import importlib.util
-    import os
-    import sys
-    import time
-
-    TARGET = 'glance_store._drivers.filesystem'
-
-
-    def _patch(module):
-        original = module.Store.delete
-        path = os.environ['BENCH_GONE_LOG']
-
-        @functools.wraps(original)
-        def delete(self, location, *args, **kwargs):
-            result = original(self, location, *args, **kwargs)
-            line = f'{time.time():.6f} {location.store_location.path}\\n'
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
-            return result
-
-        module.Store.delete = delete
-
-
-    class _Loader(importlib.abc.Loader):
-        def __init__(self, wrapped):
-            self._wrapped = wrapped
-
-        def create_module(self, spec):
-            return self._wrapped.create_module(spec)
-
-        def exec_module(self, module):
-            self._wrapped.exec_module(module)
-            _patch(module)
-
-
-    class _Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != TARGET:
-                return None
-            sys.meta_path.remove(self)
-            try:
-                spec = importlib.util.find_spec(name)
-            finally:
-                sys.meta_path.insert(0, self)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _Loader(spec.loader)
-            return spec
-
-
-    sys.meta_path.insert(0, _Finder())
-    '''
-)
-
-
-def gone_hook_env(world):
-    directory = world.path('hooks')
-    with open(os.path.join(directory, 'sitecustomize.py'), 'w') as f:
-        f.write(GONE_HOOK)
-    path = os.environ.get('PYTHONPATH')
-    return {
-        'PYTHONPATH': directory + (os.pathsep + path if path else ''),
-        'BENCH_GONE_LOG': world.path('logs', 'gone.log'),
-    }
-
-
-def read_gone_log(path):
-    """[(time, path)] of the deletes that returned."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        when, _, where = line.partition(' ')
-        out.append((float(when), where))
-    return out
-
-
-def _delete_images(engine, broker, ids, rate, record):
+def _delete_images(engine, publisher, ids, rate, record):
     """Delete ``ids`` as glance-api does (rows, then the notification),
     ``rate`` per second on a fixed schedule; ``record[id] = time``."""
     started = time.monotonic()
@@ -148,7 +57,7 @@ def _delete_images(engine, broker, ids, rate, record):
                     {'now': now, 'id': image_id},
                 )
             record[image_id] = time.time()
-            broker.publish(notifications.glance_message(image_id, size=4096))
+            publisher.publish(fixtures.glance_message(image_id, size=4096))
     return time.monotonic() - started
 
 
@@ -171,15 +80,16 @@ def run(args):
     with fixtures.World(args.queue_backend, args.keep_logs) as world:
         result['resources'] = world.created
         ids = world.pending_images(n, size=4096, active=True)
-        world.broker.declare_pool_queue()
+        world.publisher.declare_pool_queue(world.pool)
         os.sync()
-        config = world.config(
-            'latency', scrub_time=scrub_time, pool_size=args.pool
+        config = world.config(scrub_time=scrub_time, pool_size=args.pool)
+        # the shared import hook logs when each delete returned
+        gone_log = world.path('gone.log')
+        svc = world.service(
+            'latency', config, env=hooks.hook_env(BENCH_GONE_LOG=gone_log)
         )
-        svc = world.service('latency', config, env=gone_hook_env(world))
         calm = common.quiet(args)
-        svc.start()
-        svc.wait_started()
+        svc.start(timeout=90)
         time.sleep(1.0)  # the start-up sweep (nothing due) is over
         profiler = profiling.Profiler(args.profile, 'latency', svc.pid)
         deleted = {}
@@ -188,7 +98,7 @@ def run(args):
         with common.CpuWindow(svc.pid) as cpu:
             try:
                 publish_s = _delete_images(
-                    engine, world.broker, ids, args.rate, deleted
+                    engine, world.publisher, ids, args.rate, deleted
                 )
             finally:
                 engine.dispose()
@@ -211,7 +121,7 @@ def run(args):
         ]
         if not_deleted:
             problems.append(f'{len(not_deleted)} images not deleted')
-        gone = read_gone_log(world.path('logs', 'gone.log'))
+        gone = hooks.read_gone_log(gone_log)
         counts = {}
         for _, path in gone:
             counts[path] = counts.get(path, 0) + 1

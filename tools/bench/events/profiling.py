@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 
-from tools.bench.events import common
+from tools import service_process
 
 
 class Profiler:
@@ -29,7 +29,7 @@ class Profiler:
         self.path = os.path.join(directory, f'events-{name}.pyspy.txt')
         self.proc = subprocess.Popen(
             [
-                common.bin_path('py-spy'),
+                service_process.bin_path('py-spy'),
                 'record',
                 '--pid',
                 str(pid),

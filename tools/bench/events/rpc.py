@@ -16,13 +16,12 @@ its queue entry gone, a repeated restore is refused with
 """
 
 import os
-import subprocess
 import time
 import warnings
 
+from tools import service_process
 from tools.bench.events import common
 from tools.bench.events import fixtures
-from tools.bench.events import notifications
 from tools.bench.events import profiling
 
 
@@ -47,13 +46,12 @@ def run(args):
     with fixtures.World(args.queue_backend, args.keep_logs) as world:
         result['resources'] = world.created
         ids = world.pending_images(m + 2 * k, size=1024)
-        world.broker.declare_pool_queue()
+        world.publisher.declare_pool_queue(world.pool)
         # queued through their notifications, as in real life
-        world.broker.publish_all(notifications.delete_messages(ids))
-        config = world.config('rpc', pool_size=args.pool)
+        world.publish_deletes(ids)
+        config = world.config(pool_size=args.pool)
         svc = world.service('rpc', config)
-        svc.start()
-        svc.wait_started()
+        svc.start(timeout=90)
         queued = fixtures.wait_count(world, svc, len(ids), 60)
         if queued != len(ids):
             problems.append(f'{queued} of {len(ids)} queued before restores')
@@ -114,29 +112,17 @@ def run(args):
             ('direct', ids[m + k :]),
         ):
             for image_id in chunk:
-                argv = [
-                    common.bin_path('scrub-listener-manage'),
-                    '--config-file',
-                    config,
-                    'restore',
-                    image_id,
-                ] + (['--direct'] if mode == 'direct' else [])
-                t = time.perf_counter()
-                proc = subprocess.run(
-                    argv,
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                    cwd=world.workdir,
-                    env=dict(os.environ, PYTHONWARNINGS='ignore'),
+                argv = ['restore', image_id]
+                if mode == 'direct':
+                    argv.append('--direct')
+                rc, out, err, seconds = service_process.run_cli(
+                    argv, svc.config_file
                 )
-                manage[mode].append(time.perf_counter() - t)
-                if proc.returncode != 0 or 'restored to active' not in (
-                    proc.stdout
-                ):
+                manage[mode].append(seconds)
+                if rc != 0 or 'restored to active' not in out:
                     problems.append(
-                        f'manage restore {mode} exit {proc.returncode}: '
-                        f'{proc.stderr.strip()[-300:]}'
+                        f'manage restore {mode} exit {rc}: '
+                        f'{err.strip()[-300:]}'
                     )
         status = common.proc_status(svc.pid)
         rc, _ = svc.stop()

@@ -15,13 +15,11 @@ oslo.messaging's own default: unlimited).
 import datetime
 import statistics
 import time
-import uuid
 
 import sqlalchemy as sa
 
 from tools.bench.events import common
 from tools.bench.events import fixtures
-from tools.bench.events import notifications
 
 
 def _memory(svc):
@@ -37,7 +35,7 @@ def _rss_backlog(world, config, name, n, problems):
     """Start the service on a backlog of ``n``; sample its RSS until the
     due-queue holds ``n`` rows.  Returns (phase dict, running service)."""
     svc = world.service(name, config)
-    svc.start()
+    svc.start(wait=False)
     started = time.monotonic()
     with common.Sampler(
         lambda: common.proc_status(svc.pid).get('VmRSS', 0), 0.2
@@ -63,29 +61,15 @@ def _rss_backlog(world, config, name, n, problems):
 def _queue_ops(world, reps=20):
     """Mean ms of DueQueue.next_wakeup / claim (nothing due) / enqueue of
     100 new rows, with the product's own code, on the world's queue."""
-    from scrub_listener import db
     from scrub_listener import glance_db
-    from scrub_listener import queue
 
-    url = world.queue_url or f'sqlite:///{world.sqlite_queue_path}'
-    engine = db.create_engine(url, 'bench')
-    try:
-        due_queue = queue.DueQueue(engine)
-        later = glance_db.utcnow() + datetime.timedelta(days=60)
-
-        def enqueue():
-            due_queue.enqueue(
-                [
-                    (glance_db.Deletion(str(uuid.uuid4()), None, later), later)
-                    for _ in range(100)
-                ]
-            )
-
+    started_at = glance_db.utcnow()
+    with world.product_queue() as due_queue:
         out = {}
         for name, func in (
             ('next_wakeup', due_queue.next_wakeup),
             ('claim_nothing_due', lambda: due_queue.claim('bench', 500)),
-            ('enqueue_100', enqueue),
+            ('enqueue_100', lambda: due_queue.enqueue(fixtures.not_due(100))),
         ):
             func()  # warm
             started = time.perf_counter()
@@ -93,14 +77,16 @@ def _queue_ops(world, reps=20):
                 func()
             out[name] = (time.perf_counter() - started) / reps * 1000
         # leave the queue as the scenario expects it
-        with engine.begin() as conn:
+        with due_queue.engine.begin() as conn:
             conn.execute(
                 sa.text('DELETE FROM scrub_queue WHERE due_at > :t'),
-                {'t': later - datetime.timedelta(seconds=1)},
+                {
+                    't': started_at
+                    + fixtures.NOT_DUE_IN
+                    - datetime.timedelta(seconds=1)
+                },
             )
-        return out
-    finally:
-        engine.dispose()
+    return out
 
 
 def run(args):
@@ -117,14 +103,13 @@ def run(args):
         result['resources'] = world.created
         started = time.monotonic()
         ids = world.pending_images(n, size=1)
-        world.broker.declare_pool_queue()
+        world.publisher.declare_pool_queue(world.pool)
         common.log(f'  setup {time.monotonic() - started:.1f} s')
-        config = world.config('rss', pool_size=args.pool)
+        config = world.config(pool_size=args.pool)
 
         # 1. idle, empty queue
         svc = world.service('rss-idle', config)
-        svc.start()
-        svc.wait_started()
+        svc.start(timeout=90)
         time.sleep(3)
         phases['idle_empty'] = _memory(svc)
         rc, _ = svc.stop()
@@ -133,7 +118,7 @@ def run(args):
         world.reset_queue()
 
         # 2. a backlog of n in the broker, consumed
-        _, pub_s = world.broker.publish_all(notifications.delete_messages(ids))
+        pub_s = world.publish_deletes(ids)
         common.log(f'  published {n:,} messages in {pub_s:.1f} s')
         result['quiet'] = common.quiet(args)
         phases['consuming_backlog'], svc = _rss_backlog(
@@ -145,15 +130,13 @@ def run(args):
         if rc != 0:
             problems.append(f'backlog service exit code {rc}')
         problems += [f'log: {line}' for line in svc.problems_in_log()[:3]]
-        depth = world.broker.depth()
+        depth = world.purge_pool()
         if depth:
             problems.append(f'{depth} messages left in the broker')
-            world.broker.purge()
 
         # 3. restart with n entries queued, nothing in the broker
         svc = world.service('rss-queued', config)
-        svc.start()
-        svc.wait_started()
+        svc.start(timeout=90)
         time.sleep(5)
         phases['restart_n_queued'] = {
             **_memory(svc),
@@ -176,9 +159,8 @@ def run(args):
         # (oslo.messaging's own default, rabbit_qos_prefetch_count = 0)
         if args.rss_contrast:
             world.reset_queue()
-            world.broker.publish_all(notifications.delete_messages(ids))
+            world.publish_deletes(ids)
             unbounded = world.config(
-                'rss-unbounded',
                 pool_size=args.pool,
                 extra={
                     'oslo_messaging_rabbit': {'rabbit_qos_prefetch_count': 0}
@@ -191,9 +173,8 @@ def run(args):
             rc, _ = svc.stop()
             if rc != 0:
                 problems.append(f'unbounded service exit code {rc}')
-            if world.broker.depth():
+            if world.purge_pool():
                 problems.append('messages left in the broker (unbounded)')
-                world.broker.purge()
     peak = max(
         phases['consuming_backlog']['vmhwm_mib'],
         phases['restart_n_queued']['vmhwm_mib'],
