@@ -106,7 +106,7 @@ from scrub_listener import exceptions
 from scrub_listener import glance_db
 from scrub_listener import holders
 from scrub_listener import store as store_mod
-from tests.functional.test_concurrency import RESTORE_REFUSALS
+from tests.functional.concurrency_fixtures import RESTORE_REFUSALS
 from tools import glance_rows
 from tools import harness
 
