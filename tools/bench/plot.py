@@ -78,6 +78,14 @@ def _bars(triples):
     return meds, [lows, highs]
 
 
+def _label_points(ax, xs, ys):
+    """Write each point's value next to it."""
+    for x, y in zip(xs, ys, strict=True):
+        ax.annotate(
+            f'{y:.0f}', (x, y), textcoords='offset points', xytext=(4, 4)
+        )
+
+
 def _series(rows, group, x):
     series = {}
     for row in rows:
@@ -105,16 +113,10 @@ def plot_scale(rows, path, machine):
         style['linestyle'] = LINES[sorted(pools).index(pool) % len(LINES)]
         meds, err = _bars([p['rate'] for p in points])
         ax_rate.errorbar(xs, meds, yerr=err, **style)
-        for x, y in zip(xs, meds, strict=True):
-            ax_rate.annotate(
-                f'{y:.0f}', (x, y), textcoords='offset points', xytext=(4, 4)
-            )
+        _label_points(ax_rate, xs, meds)
         meds, err = _bars([p['rss_mib'] for p in points])
         ax_rss.errorbar(xs, meds, yerr=err, **style)
-        for x, y in zip(xs, meds, strict=True):
-            ax_rss.annotate(
-                f'{y:.0f}', (x, y), textcoords='offset points', xytext=(4, 4)
-            )
+        _label_points(ax_rss, xs, meds)
     ax_rate.set(
         xscale='log',
         yscale='log',
@@ -166,10 +168,7 @@ def plot_pools(rows, path, machine):
             capsize=3,
             label=label,
         )
-        for x, y in zip(xs, meds, strict=True):
-            ax.annotate(
-                f'{y:.0f}', (x, y), textcoords='offset points', xytext=(4, 4)
-            )
+        _label_points(ax, xs, meds)
     ax.set(
         xscale='log',
         yscale='log',
