@@ -86,6 +86,26 @@ def _label_points(ax, xs, ys):
         )
 
 
+def _finish_axis(ax, xticks, log_y):
+    """Ticks at the measured x values, plain numbers, grid, legend."""
+    ax.set_xticks(sorted(xticks))
+    if log_y:
+        _plain_log_y(ax)
+    ax.xaxis.set_major_formatter(_PLAIN)
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path, machine, rows):
+    """Title, layout, write the figure to ``path``; return ``path``."""
+    fig.suptitle(_subtitle(machine, rows), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot.close(fig)
+    return path
+
+
 def _series(rows, group, x):
     series = {}
     for row in rows:
@@ -132,18 +152,8 @@ def plot_scale(rows, path, machine):
     )
     ax_rss.set_ylim(bottom=0)
     for ax in (ax_rate, ax_rss):
-        ax.set_xticks(sorted({r['n'] for r in rows}))
-        if ax is ax_rate:
-            _plain_log_y(ax)
-        ax.xaxis.set_major_formatter(_PLAIN)
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.grid(True, which='both', alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(_subtitle(machine, rows), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
-    return path
+        _finish_axis(ax, {r['n'] for r in rows}, log_y=ax is ax_rate)
+    return _save(fig, path, machine, rows)
 
 
 def plot_pools(rows, path, machine):
@@ -176,17 +186,8 @@ def plot_pools(rows, path, machine):
         ylabel='images/s (whole process)',
         title='What scrub_pool_size buys',
     )
-    ax.set_xticks(sorted({r['pool'] for r in rows}))
-    ax.xaxis.set_major_formatter(_PLAIN)
-    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    _plain_log_y(ax)
-    ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.suptitle(_subtitle(machine, rows), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
-    return path
+    _finish_axis(ax, {r['pool'] for r in rows}, log_y=True)
+    return _save(fig, path, machine, rows)
 
 
 def plot_rows(rows, prefix, machine):
