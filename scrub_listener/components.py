@@ -1,11 +1,19 @@
-"""Build scrub-listener's collaborators from the configuration, once."""
+"""Build scrub-listener's collaborators from the configuration, once.
+
+The databases are always needed and built at once.  The stores (loading
+glance_store imports every store driver: about 0.3 s) and the scrub
+pipeline (futurist) are built on first use: a ``--sweep-once`` that
+finds nothing due, or a ``list``, never pays for them.  The service and
+restore build them at start, so that a bad store configuration stops
+them there.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
-import futurist
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
@@ -16,8 +24,6 @@ from scrub_listener import holders
 from scrub_listener import model
 from scrub_listener import queue
 from scrub_listener import restore
-from scrub_listener import scrubber
-from scrub_listener import store
 from scrub_listener import sweep
 
 
@@ -29,11 +35,58 @@ class Components:
     glance_db: glance_db.GlanceDB
     queue: queue.DueQueue
     schedule: model.Schedule
-    stores: store.Stores | None = None
-    executor: futurist.ThreadPoolExecutor | None = None
-    scrubber: scrubber.Scrubber | None = None
-    sweeper: sweep.Sweeper | None = None
-    restorer: restore.Restorer | None = None
+    sweeper: sweep.Sweeper
+    process: holders.Process
+    executor: object = None
+
+    @functools.cached_property
+    def stores(self):
+        """The configured glance_store backends (scrub_listener.store)."""
+        from scrub_listener import store
+
+        _check_encryption_key(self.conf)
+        store.register_opts(self.conf)
+        return store.Stores(self.conf)
+
+    @functools.cached_property
+    def scrubber(self):
+        """The scrub pipeline, with its store pool."""
+        import futurist
+
+        from scrub_listener import scrubber
+
+        stores = self.stores
+        self.release_dead_leases()
+        self.executor = futurist.ThreadPoolExecutor(
+            max_workers=self.conf.scrub_pool_size
+        )
+        return scrubber.Scrubber(
+            self.glance_db,
+            stores,
+            self.executor,
+            self.conf.scrubber.lease_time,
+            queue=self.queue,
+            owner=self.process.lease_owner,
+            batch_size=self.conf.scrub_queue.batch_size,
+            schedule=self.schedule,
+        )
+
+    @functools.cached_property
+    def restorer(self):
+        """Restores images, checking their data in the stores."""
+        return restore.Restorer(
+            self.glance_db,
+            self.stores,
+            self.queue,
+            self.conf.scrubber.deletion_window,
+            # a third of the RPC timeout: the store check and the reply
+            # must fit in what is left
+            lock_timeout=self.conf.rpc.timeout / 3,
+        )
+
+    def release_dead_leases(self):
+        """A restart after SIGKILL: our dead predecessor's leases are free."""
+        self.queue.release_dead_leases(self.process.lease_owner_is_dead)
 
     def close(self):
         """Release pools and connections; idempotent.
@@ -51,13 +104,16 @@ class Components:
 
 
 def build(conf, with_stores=True):
-    """Validate the configuration and build everything that is needed."""
+    """Validate the configuration and build the parts.
+
+    ``with_stores``: build the stores now (else on first use).
+    """
     process = holders.this_process(conf.host)
     gdb = glance_db.GlanceDB(
         _glance_engine(conf),
         encryption_key=conf.metadata_encryption_key,
         lease_time=conf.scrubber.lease_time,
-        data_key=store.data_key,
+        data_key=_data_key,
         process=process,
     )
     due_queue = queue.DueQueue(
@@ -66,40 +122,21 @@ def build(conf, with_stores=True):
         retry_backoff=conf.scrub_queue.retry_backoff,
         retry_backoff_max=conf.scrub_queue.retry_backoff_max,
     )
-    parts = Components(conf, gdb, due_queue, model.Schedule(conf.scrub_time))
-    if not with_stores:
-        return parts
-    _check_encryption_key(conf)
-    store.register_opts(conf)
-    parts.stores = store.Stores(conf)
-    parts.executor = futurist.ThreadPoolExecutor(
-        max_workers=conf.scrub_pool_size
+    schedule = model.Schedule(conf.scrub_time)
+    sweeper = sweep.Sweeper(
+        gdb, due_queue, schedule, conf.scrub_queue.batch_size
     )
-    # A restart after SIGKILL: our dead predecessor's leases are free now.
-    due_queue.release_dead_leases(process.lease_owner_is_dead)
-    parts.scrubber = scrubber.Scrubber(
-        gdb,
-        parts.stores,
-        parts.executor,
-        conf.scrubber.lease_time,
-        queue=due_queue,
-        owner=process.lease_owner,
-        batch_size=conf.scrub_queue.batch_size,
-        schedule=parts.schedule,
-    )
-    parts.sweeper = sweep.Sweeper(
-        gdb, due_queue, parts.schedule, conf.scrub_queue.batch_size
-    )
-    parts.restorer = restore.Restorer(
-        gdb,
-        parts.stores,
-        due_queue,
-        conf.scrubber.deletion_window,
-        # a third of the RPC timeout: the store check and the reply must
-        # fit in what is left
-        lock_timeout=conf.rpc.timeout / 3,
-    )
+    parts = Components(conf, gdb, due_queue, schedule, sweeper, process)
+    if with_stores:
+        parts.stores  # noqa: B018 (built now: a bad store config stops us)
     return parts
+
+
+def _data_key(uri):
+    """:func:`scrub_listener.store.data_key`, imported on first use."""
+    from scrub_listener import store
+
+    return store.data_key(uri)
 
 
 def _check_encryption_key(conf):

@@ -20,14 +20,22 @@ def sweep_once(parts, out, progress_interval=PROGRESS_EVERY):
     """Run one pass; return its Tally."""
     start = time.monotonic()
     started_at = model.utcnow()
+    parts.release_dead_leases()
+    work = _anything_due(parts, started_at)
+    if work:
+        # Built before the sweep: a bad store configuration stops the
+        # pass before it changed anything.
+        parts.stores  # noqa: B018
     found, queued = parts.sweeper.sweep(now=started_at)
     print(
         f'Sweep: {found} deletions due, {queued} new in the queue',
         file=out,
         flush=True,
     )
-    progress = _Progress(out, start, progress_interval)
-    stats = parts.scrubber.drain(due_before=started_at, report=progress)
+    stats = model.Tally()
+    if work:
+        progress = _Progress(out, start, progress_interval)
+        stats = parts.scrubber.drain(due_before=started_at, report=progress)
     print(
         f'Done: {_line(stats, time.monotonic() - start)}', file=out, flush=True
     )
@@ -43,6 +51,19 @@ def sweep_once(parts, out, progress_interval=PROGRESS_EVERY):
             flush=True,
         )
     return stats
+
+
+def _anything_due(parts, started_at):
+    """True if the pass may find work: a due deletion in Glance, or a
+    claimable entry in the due-queue.
+
+    Only then are the stores and the pool built: a pass with nothing to
+    do never loads glance_store.
+    """
+    next_at = parts.queue.next_wakeup()
+    if next_at is not None and next_at <= started_at:
+        return True
+    return parts.sweeper.anything_due(started_at)
 
 
 class _Progress:

@@ -35,6 +35,10 @@ class Sweeper:
             for page in pages:
                 yield [self._schedule.queued(d) for d in page]
 
+    def anything_due(self, now=None):
+        """True if at least one deletion is due at ``now``."""
+        return next(self.iter_due(now), None) is not None
+
     def sweep(self, now=None):
         """Enqueue everything due; return (found, newly queued)."""
         found = queued = 0

@@ -30,7 +30,8 @@ def main(argv):
         # glance-scrubber's flag, kept for habit: same as
         # `scrub-listener-manage restore IMAGE_ID`.
         return common.restore(conf, conf.restore, direct=False)
-    parts = components.build(conf)
+    # --sweep-once builds the stores only if something is due
+    parts = components.build(conf, with_stores=not conf.sweep_once)
     try:
         if conf.sweep_once:
             return _sweep_once(conf, parts)
@@ -60,6 +61,7 @@ def _serve(conf, parts):
     # event (SimpleQueue.put is reentrant, safe in a handler); the work
     # happens in the main thread below.
     events = queue.SimpleQueue()
+    parts.scrubber  # noqa: B018 (built before any thread starts)
     server = service.Service(
         conf, parts, on_fatal=lambda exc: events.put(FATAL)
     )

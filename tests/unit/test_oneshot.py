@@ -44,6 +44,7 @@ def parts(gdb, due_queue):
         stores=stores,
         sweeper=sweep.Sweeper(gdb, due_queue, schedule, 2),
         scrubber=scrub,
+        release_dead_leases=lambda: None,
     )
 
 
