@@ -208,8 +208,9 @@ def _no_fsync(dbapi_conn, record):
 class Rig:
     """One backend's engines and directories, shared by all examples.
 
-    ``clock`` is the true time of the simulated world: glance_db.utcnow
-    (the sweep's lease check, glance_rows' timestamps) reads it, so that
+    ``clock`` is the true time of the simulated world: the GlanceDB
+    clock (the sweep's lease check) and glance_db.utcnow (glance_rows'
+    timestamps) read it, so that
     nothing depends on how fast the machine runs and hypothesis can
     replay a run exactly.
     """
@@ -236,6 +237,7 @@ class Rig:
             lease_time=LEASE,
             data_key=DATA_KEY,
             process=PROCESS,
+            now=lambda: self.clock,
         )
 
     def report(self, started):

@@ -80,7 +80,7 @@ def test_search_finds_the_old_finish_unsafe(sqlite_rig, monkeypatch):
     hypothesis finds a falsifying interleaving (Ctrl-C or a takeover
     hands back a row whose delete may still run: findings 1 and 3) and
     shrinks it to a few steps, printed here."""
-    monkeypatch.setattr(glance_db, 'target_status', _old_target_status)
+    monkeypatch.setattr(glance_db.claims, 'target_status', _old_target_status)
     started = time.monotonic()
     with pytest.raises(AssertionError) as info:
         stateful.run_state_machine_as_test(
@@ -114,7 +114,7 @@ def test_a_failed_delete_after_a_takeover_is_not_handed_back(
     w0's claim, w1's delete fails.  The real finish leaves the row
     scrub_interrupted; one that hands FAILED back to pending_delete
     breaks (5) while w0 may still start its delete."""
-    monkeypatch.setattr(glance_db, 'target_status', target_status)
+    monkeypatch.setattr(glance_db.claims, 'target_status', target_status)
     state = _machine(sqlite_rig)()
     try:
         state.world(
