@@ -51,15 +51,12 @@ class Components:
     @functools.cached_property
     def scrubber(self):
         """The scrub pipeline, with its store pool."""
-        import futurist
-
+        from scrub_listener import pool
         from scrub_listener import scrubber
 
         stores = self.stores
         self.release_dead_leases()
-        self.executor = futurist.ThreadPoolExecutor(
-            max_workers=self.conf.scrub_pool_size
-        )
+        self.executor = pool.StorePool(max_workers=self.conf.scrub_pool_size)
         return scrubber.Scrubber(
             self.glance_db,
             stores,
@@ -91,8 +88,7 @@ class Components:
     def close(self):
         """Release pools and connections; idempotent.
 
-        The pool is not waited for: after a finished drain it is idle
-        (and futurist's idle workers would hold us up to a second each),
+        The pool is not waited for: after a finished drain it is idle,
         and after a shutdown that timed out, the deletes still running are
         abandoned on purpose (their claims are taken over later).
         """

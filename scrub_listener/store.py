@@ -167,7 +167,42 @@ def data_key(uri):
 
 
 def _file_key(family, uri):
-    return ('file', os.path.realpath(_driver_path(uri)))
+    return ('file', realpath(_driver_path(uri)))
+
+
+# Data directories resolved once, as Stores does with its roots:
+# {directory as configured: its realpath}.
+_DATA_DIRECTORIES = {}
+
+
+def remember_data_directory(directory):
+    """Resolve ``directory`` once, for :func:`realpath`."""
+    normalised = os.path.normpath(directory)
+    _DATA_DIRECTORIES[normalised] = os.path.realpath(normalised)
+
+
+def realpath(path):
+    """``os.path.realpath(path)``, cheap for a file in a data directory.
+
+    Images live directly in a store's data directory, whose realpath is
+    taken once per process (:class:`Stores`).  For ``<datadir>/<name>``
+    the answer is then that realpath joined with ``name`` — unless
+    ``name`` is a symlink (one ``lstat``), which is resolved in full like
+    any other path.  ``os.path.realpath`` walks every component in
+    Python: two of them per deleted image cost more CPU than the delete.
+    """
+    directory, name = os.path.split(path)
+    real_directory = _DATA_DIRECTORIES.get(directory)
+    if real_directory is None or name in ('', '.', '..'):
+        return os.path.realpath(path)
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            return os.path.realpath(path)
+    except FileNotFoundError:
+        pass  # realpath leaves a missing last component as it is
+    except OSError:
+        return os.path.realpath(path)
+    return os.path.join(real_directory, name)
 
 
 def _driver_path(uri):
@@ -257,6 +292,9 @@ class Stores:
             group: [os.path.realpath(d) for d in _datadirs(conf, group)]
             for group in groups or ['glance_store']
         }
+        for group in groups or ['glance_store']:
+            for directory in _datadirs(conf, group):
+                remember_data_directory(directory)
         self._devices = {
             root: _device(root)
             for roots in self._roots.values()
@@ -349,7 +387,7 @@ class Stores:
                 'working directory (file://HOST/p means HOST/p to '
                 'glance_store); only file:///absolute/path is scrubbed'
             )
-        real = os.path.realpath(path)
+        real = realpath(path)
         if any(_strictly_inside(real, r) for r in self._group_roots(backend)):
             return None
         return redaction.redact(
@@ -498,7 +536,7 @@ class Stores:
                     self._refuse_if_held(location, backend, other)
 
     def _file_not_found_trusted(self, location):
-        real = os.path.realpath(_driver_path(location.uri))
+        real = realpath(_driver_path(location.uri))
         for root, recorded in self._devices.items():
             if not _strictly_inside(real, root):
                 continue

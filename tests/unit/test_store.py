@@ -761,3 +761,28 @@ def test_store_error_text_never_carries_the_secret(s3_backend, monkeypatch):
         assert 's3cr3t' not in text and 'Pa55' not in text, text
         assert info.value.__cause__ is None  # no chained raw text
         assert info.value.__suppress_context__
+
+
+def test_realpath_agrees_with_os_path_realpath(tmp_path):
+    """The shortcut for files in a data directory gives what
+    os.path.realpath gives, symlinks and odd spellings included."""
+    real_root = tmp_path / 'real'
+    real_root.mkdir()
+    datadir = tmp_path / 'datadir'  # a symlink to the real directory
+    datadir.symlink_to(real_root)
+    outside = tmp_path / 'outside'
+    outside.write_bytes(b'x')
+    (real_root / 'file').write_bytes(b'x')
+    (real_root / 'sub').mkdir()
+    (real_root / 'escape').symlink_to(outside)
+    (real_root / 'loop').symlink_to(real_root / 'loop')
+    store.remember_data_directory(str(datadir) + '/')
+    names = ['file', 'missing', 'sub', 'escape', 'loop', '.', '..', '']
+    paths = [f'{datadir}/{name}' for name in names]
+    paths += [
+        f'{datadir}//file',
+        f'{datadir}/./file',
+        f'{datadir}/sub/../file',
+    ]
+    for path in paths:
+        assert store.realpath(path) == os.path.realpath(path), path
