@@ -50,24 +50,34 @@ class ScrubListenerError(Exception):
 
 
 class ConfigError(ScrubListenerError):
+    """Bad usage or configuration; the message names the option."""
+
     exit_code = 2
 
 
 class InvalidImageId(ScrubListenerError):
+    """Not a canonical image UUID (quoted back cut short)."""
+
     exit_code = 2
     template = '{image_id!r} is not a valid image id'
 
 
 class DatabaseUnavailable(ScrubListenerError):
+    """The Glance or due-queue database cannot be reached."""
+
     exit_code = 3
 
 
 class Forbidden(ScrubListenerError):
+    """An RPC caller without the admin role."""
+
     exit_code = 9
     template = '{action} needs the admin role; {who} does not have it'
 
 
 class ImageNotFound(ScrubListenerError):
+    """Restore: no image with that id."""
+
     exit_code = 4
     template = 'No image found with ID {image_id}'
 
@@ -77,6 +87,8 @@ class NotRestorable(ScrubListenerError):
 
 
 class NotPendingDelete(NotRestorable):
+    """Restore: the image is not pending_delete (its status is said)."""
+
     exit_code = 5
     template = (
         'Image {image_id} is {status}, not pending_delete: only a '
@@ -85,6 +97,8 @@ class NotPendingDelete(NotRestorable):
 
 
 class DataGone(NotRestorable):
+    """Restore: some of the image data is (or may soon be) gone."""
+
     exit_code = 6
     template = (
         'Image {image_id} cannot be restored, its data is gone: {reason}'
@@ -92,6 +106,8 @@ class DataGone(NotRestorable):
 
 
 class ScrubInProgress(NotRestorable):
+    """Restore: a scrub holds the image rows right now."""
+
     exit_code = 7
     template = (
         'Image {image_id} is being scrubbed right now: its data may already '
@@ -100,6 +116,8 @@ class ScrubInProgress(NotRestorable):
 
 
 class ServiceUnavailable(ScrubListenerError):
+    """Restore over RPC: the service did not answer."""
+
     exit_code = 8
 
 
