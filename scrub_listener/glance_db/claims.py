@@ -278,17 +278,16 @@ def _close_images(conn, image_ids, now):
         )
         .exists()
     )
-    closable = set(
-        conn.execute(
-            sa.select(IMAGES.c.id).where(
-                IMAGES.c.id.in_(sorted(image_ids)),
-                IMAGES.c.status == model.PENDING_DELETE,
-                ~left,
-            )
-        ).scalars()
-    )
+    rows = conn.execute(
+        sa.select(IMAGES.c.id, IMAGES.c.deleted).where(
+            IMAGES.c.id.in_(sorted(image_ids)),
+            IMAGES.c.status == model.PENDING_DELETE,
+            ~left,
+        )
+    ).all()
+    closable = {row.id for row in rows}
     if closable:
-        _finish_half_deletes(conn, closable, now)
+        _finish_half_deletes(conn, [r.id for r in rows if not r.deleted], now)
         conn.execute(
             IMAGES.update()
             .where(
@@ -303,18 +302,11 @@ def _close_images(conn, image_ids, now):
 def _finish_half_deletes(conn, image_ids, now):
     """Do what Glance's image_destroy never did for a half-finished delete.
 
-    Its image row is still ``deleted = 0`` (the API would list it as a
-    ``deleted`` image) and its tags and members live: soft-delete them
-    now, as the second transaction would have.
+    Its image row (of ``image_ids``) is still ``deleted = 0`` (the API
+    would list it as a ``deleted`` image) and its tags and members live:
+    soft-delete them now, as the second transaction would have.
     """
-    half = sorted(
-        conn.execute(
-            sa.select(IMAGES.c.id).where(
-                IMAGES.c.id.in_(sorted(image_ids)),
-                IMAGES.c.deleted == sa.false(),
-            )
-        ).scalars()
-    )
+    half = sorted(image_ids)
     if not half:
         return
     soft_deleted = {'deleted': True, 'deleted_at': now, 'updated_at': now}
