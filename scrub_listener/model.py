@@ -64,6 +64,14 @@ def is_claimed(status):
     return status is not None and status.startswith(SCRUBBING)
 
 
+class StoreAnswer(enum.StrEnum):
+    """What a store delete answered, when it did not fail."""
+
+    REMOVED = 'removed'  # the data was there and is gone now: bytes freed
+    ALREADY_GONE = 'already gone'  # not there, and that answer is trusted
+    NOT_OURS = 'not deletable by this store'  # a read-only store (http)
+
+
 class Verdict(enum.Enum):
     """What became of one claimed location's store delete."""
 

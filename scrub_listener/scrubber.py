@@ -37,7 +37,6 @@ from scrub_listener import exceptions
 from scrub_listener import model
 from scrub_listener import redaction
 from scrub_listener import retry
-from scrub_listener import store as store_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -290,7 +289,9 @@ class Scrubber:
         LOG.debug(
             'Image %s location %s: %s', location.image_id, location.id, answer
         )
-        freed = (location.size or 0) if answer == store_mod.DELETED else 0
+        freed = (
+            location.size or 0 if answer is model.StoreAnswer.REMOVED else 0
+        )
         return model.LocationResult(model.Verdict.GONE, bytes_freed=freed)
 
     # -- settle --------------------------------------------------------------

@@ -59,6 +59,7 @@ from glance_store._drivers import rbd as rbd_driver
 from glance_store._drivers import s3 as s3_driver
 
 from scrub_listener import exceptions
+from scrub_listener import model
 from scrub_listener import redaction
 
 LOG = logging.getLogger(__name__)
@@ -67,9 +68,6 @@ FILE_SCHEMES = ('file', 'filesystem')
 READ_ONLY_SCHEMES = ('http', 'https')
 
 # Outcomes of Stores.delete()
-DELETED = 'deleted'
-ALREADY_GONE = 'already gone'
-NOT_OURS = 'not deletable by this store'
 
 # scheme -> family: the schemes of one driver name the same data.
 _FAMILY = {
@@ -407,9 +405,9 @@ class Stores:
     # -- acting ------------------------------------------------------------
 
     def delete(self, location):
-        """Delete the data of ``location``; return one of the outcomes.
+        """Delete the data of ``location``; return a model.StoreAnswer.
 
-        DELETED: removed now.  ALREADY_GONE: the store says it is not
+        REMOVED: removed now.  ALREADY_GONE: the store says it is not
         there and that answer is trusted (see :meth:`_confirm_gone`).
         NOT_OURS: a read-only store (http) that only reads somebody
         else's server.  Raises LocationRefused (never deletable, nothing
@@ -441,10 +439,10 @@ class Stores:
                 glance_store.delete_from_backend(location.uri)
         except store_exc.NotFound:
             self._confirm_gone(location, backend, candidates)
-            return ALREADY_GONE
+            return model.StoreAnswer.ALREADY_GONE
         except store_exc.StoreDeleteNotSupported:
             if urllib.parse.urlsplit(location.uri).scheme in READ_ONLY_SCHEMES:
-                return NOT_OURS
+                return model.StoreAnswer.NOT_OURS
             # A store that can delete says this when it could not start
             # writable (e.g. the file store's datadir was read-only): a
             # failure to retry, never a reason to forget the data.
@@ -462,7 +460,7 @@ class Stores:
                 + _describe(exc, location),
                 data_intact=True,
             ) from None
-        return DELETED
+        return model.StoreAnswer.REMOVED
 
     def check_present(self, location):
         """Return if the location's data is in its store, whole.

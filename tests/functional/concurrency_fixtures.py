@@ -46,8 +46,8 @@ from sqlalchemy import event
 from scrub_listener import db
 from scrub_listener import exceptions
 from scrub_listener import glance_db
+from scrub_listener import model
 from scrub_listener import queue as queue_mod
-from scrub_listener import store as store_mod
 from tools import glance_rows
 from tools import harness
 from tools import hooks
@@ -141,10 +141,10 @@ class FileStores:
         try:
             os.unlink(_path(location.uri))
         except FileNotFoundError:
-            return store_mod.ALREADY_GONE
+            return model.StoreAnswer.ALREADY_GONE
         with self._lock:
             self.deleted.append(_path(location.uri))
-        return store_mod.DELETED
+        return model.StoreAnswer.REMOVED
 
     def check_present(self, location):
         if not os.path.exists(_path(location.uri)):

@@ -24,6 +24,7 @@ from oslo_config import cfg
 
 from scrub_listener import exceptions
 from scrub_listener import glance_db
+from scrub_listener import model
 from scrub_listener import opts
 from scrub_listener import store
 from tests.functional.conftest import assert_ok
@@ -121,7 +122,7 @@ def test_equal_keys_name_the_file_the_driver_deletes(stores, dirs, spelling):
 
     assert stores.data_key(pending) == stores.data_key(live)
     assert store.data_key(pending) == store.data_key(live)
-    assert stores.delete(_loc(stores, pending)) == store.DELETED
+    assert stores.delete(_loc(stores, pending)) == model.StoreAnswer.REMOVED
     assert not os.path.exists(live_path)
 
 
@@ -196,8 +197,8 @@ def test_unmounted_datadir_is_not_already_gone(stores, dirs, after):
 
     _remount(dirs['fs'])
     stores.check_present(location)
-    assert stores.delete(location) == store.DELETED
-    assert stores.delete(location) == store.ALREADY_GONE
+    assert stores.delete(location) == model.StoreAnswer.REMOVED
+    assert stores.delete(location) == model.StoreAnswer.ALREADY_GONE
 
 
 def test_guessed_backend_checks_the_datadir_that_holds_the_path(
@@ -223,7 +224,7 @@ def test_guessed_backend_checks_the_datadir_that_holds_the_path(
     with pytest.raises(exceptions.StoreError, match='unmounted'):
         stores.delete(location)
     _remount(inner)
-    assert stores.delete(location) == store.DELETED
+    assert stores.delete(location) == model.StoreAnswer.REMOVED
 
 
 def test_malformed_location_fails_alone(stores, dirs):
@@ -248,11 +249,11 @@ def test_malformed_location_fails_alone(stores, dirs):
             outcomes[location_id] = 'refused'
 
     assert outcomes == {
-        1: store.DELETED,
+        1: model.StoreAnswer.REMOVED,
         2: 'refused',
         3: 'refused',
         4: 'refused',
-        5: store.DELETED,
+        5: model.StoreAnswer.REMOVED,
     }
     assert not any(os.path.exists(path) for path in good)
 

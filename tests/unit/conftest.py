@@ -26,8 +26,8 @@ import sqlalchemy as sa
 from scrub_listener import db
 from scrub_listener import exceptions
 from scrub_listener import glance_db
+from scrub_listener import model
 from scrub_listener import queue
-from scrub_listener import store
 from tools import glance_rows
 from tools import harness
 
@@ -164,9 +164,10 @@ class FakeStores:
     """Stands in for :class:`scrub_listener.store.Stores`.
 
     ``file://`` URLs are real files: ``delete`` unlinks them (missing →
-    ``ALREADY_GONE``), ``check_present`` stats them.  ``fail[uri] = exc``
-    makes every delete of ``uri`` raise ``exc``; ``deleted`` records the
-    URIs whose data was really removed, ``calls`` every delete attempt.
+    ``StoreAnswer.ALREADY_GONE``), ``check_present`` stats them.
+    ``fail[uri] = exc`` makes every delete of ``uri`` raise ``exc``;
+    ``deleted`` records the URIs whose data was really removed, ``calls``
+    every delete attempt.
     """
 
     def __init__(self):
@@ -184,9 +185,9 @@ class FakeStores:
         try:
             os.unlink(path_of(location.uri))
         except FileNotFoundError:
-            return store.ALREADY_GONE
+            return model.StoreAnswer.ALREADY_GONE
         self.deleted.append(location.uri)
-        return store.DELETED
+        return model.StoreAnswer.REMOVED
 
     def check_present(self, location):
         if not os.path.exists(path_of(location.uri)):

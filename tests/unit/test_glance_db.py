@@ -1,7 +1,7 @@
 """scrub_listener.glance_db: the claim protocol (claim, renew, finish).
 
 On the real Glance schema (SQLite), one step at a time, in one thread;
-tests/functional/test_concurrency.py runs the same steps from racing
+tests/functional/test_concurrency_*.py runs the same steps from racing
 threads and processes on every database.  Here: what a claim takes,
 skips or finds busy, takeovers (after lease_time, or at once from a dead
 process of this host), renew, finish and the status each verdict leaves

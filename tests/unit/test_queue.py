@@ -1,7 +1,7 @@
 """scrub_listener.queue.DueQueue on SQLite: enqueue, leases, backoff.
 
 The same operations from racing threads and processes on MariaDB and
-PostgreSQL are in tests/functional/test_concurrency.py.
+PostgreSQL are in tests/functional/test_concurrency_*.py.
 """
 
 import datetime

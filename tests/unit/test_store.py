@@ -15,6 +15,7 @@ from oslo_config import cfg
 
 from scrub_listener import exceptions
 from scrub_listener import glance_db
+from scrub_listener import model
 from scrub_listener import opts
 from scrub_listener import store
 from tools import harness
@@ -237,9 +238,9 @@ def test_delete_then_already_gone(request, dirs, mode):
     _file(dirs['fs'], 'another-image')  # an empty datadir is not trusted
     path = _file(dirs['fs'], 'img')
     location = _loc('file://' + path, 'fs' if mode == 'multi' else None)
-    assert stores.delete(location) == store.DELETED
+    assert stores.delete(location) == model.StoreAnswer.REMOVED
     assert not os.path.exists(path)
-    assert stores.delete(location) == store.ALREADY_GONE
+    assert stores.delete(location) == model.StoreAnswer.ALREADY_GONE
 
 
 def test_delete_failure_is_a_store_error(multi, dirs):
@@ -257,7 +258,7 @@ def test_delete_failure_is_a_store_error(multi, dirs):
 @pytest.mark.parametrize(
     'uri, expected',
     [
-        ('http://example.com/img', store.NOT_OURS),
+        ('http://example.com/img', model.StoreAnswer.NOT_OURS),
         ('file:///{fs}/img', exceptions.StoreError),
     ],
 )
@@ -537,7 +538,7 @@ def test_not_found_in_an_unmounted_looking_datadir_is_an_error(
 def test_not_found_in_a_healthy_datadir_is_trusted(multi, dirs):
     _file(dirs['fs'], 'another-image')
     location = _loc('file://' + os.path.join(dirs['fs'], 'img'), 'fs')
-    assert multi.delete(location) == store.ALREADY_GONE
+    assert multi.delete(location) == model.StoreAnswer.ALREADY_GONE
     with pytest.raises(exceptions.DataGone, match='no longer in its store'):
         multi.check_present(location)
 
@@ -616,7 +617,7 @@ def test_guessed_backend_not_found_but_another_holds_it(two_cephs):
 
 def test_guessed_backend_not_found_and_no_other_holds_it(two_cephs):
     stores, holds, calls = two_cephs
-    assert stores.delete(_loc(RBD, None)) == store.ALREADY_GONE
+    assert stores.delete(_loc(RBD, None)) == model.StoreAnswer.ALREADY_GONE
     assert ('size', 'ceph2') in calls
 
 
@@ -656,7 +657,7 @@ def test_failure_that_may_have_removed_data_is_not_intact(
 def test_not_found_with_store_metadata_keeps_todays_rule(two_cephs):
     stores, holds, calls = two_cephs
     holds['ceph2'].add(RBD)
-    assert stores.delete(_loc(RBD, 'ceph1')) == store.ALREADY_GONE
+    assert stores.delete(_loc(RBD, 'ceph1')) == model.StoreAnswer.ALREADY_GONE
     assert calls == [('delete', 'ceph1')]
 
 
