@@ -45,10 +45,10 @@ LOG = logging.getLogger(__name__)
 # The drain re-checks the queue at least this often, for rows another
 # instance sharing the queue added (their listener cannot wake us).
 MAX_IDLE = 5.0
-# After an unexpected drain error (database down), wait before retrying:
-# from ERROR_PAUSE up to MAX_ERROR_PAUSE while the error lasts.
+# After an unexpected drain error (database down), wait about this long
+# before retrying: not growing, so that scrubbing resumes within seconds
+# of the database coming back (the error is logged once per pause).
 ERROR_PAUSE = 5.0
-MAX_ERROR_PAUSE = 60.0
 
 
 def check_messaging_config(conf):
@@ -262,7 +262,7 @@ class Service:
 
     def _drain_loop(self):
         scrubber = self._parts.scrubber
-        pauses = retry.delays(ERROR_PAUSE, MAX_ERROR_PAUSE)
+        pauses = retry.delays(ERROR_PAUSE, maximum=ERROR_PAUSE)
         while not self._stopping.is_set():
             try:
                 scrubber.drain(stop=self._stopping.is_set)
@@ -271,7 +271,6 @@ class Service:
                 LOG.exception('Drain failed; retrying in %.0f s', pause)
                 self._stopping.wait(pause)
                 continue
-            pauses = retry.delays(ERROR_PAUSE, MAX_ERROR_PAUSE)
             self._sleep_until_due()
 
     def _sleep_until_due(self):
