@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from tools.databases import _engine
 from tools.services import HarnessError
-from tools.services import _bin
+from tools.services import bin_path
 from tools.services import write_config
 
 # --------------------------------------------------------------- glance-api
@@ -249,7 +249,7 @@ class GlanceApi:
         env.setdefault('PYTHONWARNINGS', 'ignore')
         self._log = open(self.log_path, 'ab')
         cmd = [
-            _bin('gunicorn'),
+            bin_path('gunicorn'),
             '--bind',
             f'127.0.0.1:{self.port}',
             '--workers',

@@ -69,7 +69,7 @@ from tools.services import NAME_PREFIX
 from tools.services import POSTGRESQL_URL
 from tools.services import RABBIT_URL
 from tools.services import HarnessError
-from tools.services import _bin
+from tools.services import bin_path
 from tools.services import unique_name
 from tools.services import write_config
 
@@ -85,11 +85,11 @@ __all__ = [
     'POSTGRESQL_URL',
     'RABBIT_URL',
     '_admin_url',
-    '_bin',
     '_rabbitmqctl',
     '_url_string',
     'amqp_url',
     'backend_of',
+    'bin_path',
     'check_backend',
     'create_empty_database',
     'create_glance_database',

@@ -54,14 +54,19 @@ def unique_name(prefix=NAME_PREFIX):
     return prefix + uuid.uuid4().hex[:8]
 
 
-def _bin(name):
-    """Path of a console script installed next to the running python."""
+def bin_path(name, error=HarnessError):
+    """Path of a console script installed next to the running python
+    (else found on PATH).
+
+    Raises ``error(message)`` if there is none: ``HarnessError`` for the
+    harness, the benchmarks' own exit for theirs.
+    """
     path = os.path.join(os.path.dirname(sys.executable), name)
     if os.path.exists(path):
         return path
     found = shutil.which(name)
     if not found:
-        raise HarnessError(f'{name} not found next to {sys.executable}')
+        raise error(f'{name} not found next to {sys.executable}')
     return found
 
 

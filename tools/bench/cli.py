@@ -553,13 +553,7 @@ def markdown_tables(entries):
                 cells += ['no verified run', '', '', '', '', '', '']
             ratio = ''
             if 'ratio' in row:
-                ratio = f'{row["ratio"]:.1f}× images/s'
-                if 'net_ratio' in row:
-                    ratio += f' ({row["net_ratio"]:.1f}× net)'
-                ratio += (
-                    f', {row["cpu_ratio"]:.1f}× less CPU, '
-                    f'{row["rss_ratio"]:.2f}× less RSS'
-                )
+                ratio = runs_mod.ratio_text(row, times='×')
             cells.append(ratio)
             lines.append('| ' + ' | '.join(cells) + ' |')
         for tool, n, pool in entry.get('skipped', []):
