@@ -44,7 +44,6 @@ class Components:
         """The configured glance_store backends (scrub_listener.store)."""
         from scrub_listener import store
 
-        _check_encryption_key(self.conf)
         store.register_opts(self.conf)
         return store.Stores(self.conf)
 
@@ -104,6 +103,7 @@ def build(conf, with_stores=True):
 
     ``with_stores``: build the stores now (else on first use).
     """
+    _check_encryption_key(conf)
     process = holders.this_process(conf.host)
     gdb = glance_db.GlanceDB(
         _glance_engine(conf),
