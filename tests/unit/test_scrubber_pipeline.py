@@ -18,6 +18,7 @@ from scrub_listener import exceptions
 from scrub_listener import model
 from scrub_listener import scrubber
 from tests.unit.conftest import ago
+from tools.service_process import wait_until
 
 SCRUB_TIME = 3600
 Result = model.Result
@@ -258,9 +259,9 @@ def test_next_batch_is_taken_while_deletes_run(
     try:
         assert gate.started.wait(30)
         # both batches are taken: every entry leased, every row claimed
-        assert _wait_for(lambda: _leased(due_queue, images) == 4)
-        assert _wait_for(
-            lambda: all(s.startswith('scrubbing:') for s in _statuses())
+        wait_until(lambda: _leased(due_queue, images) == 4, 30)
+        wait_until(
+            lambda: all(s.startswith('scrubbing:') for s in _statuses()), 30
         )
         assert len(_statuses()) == 2  # two claims, two tokens
     finally:
@@ -331,13 +332,3 @@ def test_interrupt_settles_what_is_known_of_every_batch(
 def _leased(due_queue, images):
     entries = due_queue.entries_for(set(images))
     return sum(1 for group in entries.values() for e in group if e.lease_owner)
-
-
-def _wait_for(predicate, timeout=30):
-    done = threading.Event()
-    deadline = model.utcnow() + datetime.timedelta(seconds=timeout)
-    while not predicate():
-        if model.utcnow() > deadline:
-            return False
-        done.wait(0.02)
-    return True
