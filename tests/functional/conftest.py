@@ -71,6 +71,8 @@ def ago(seconds):
 
 @dataclasses.dataclass
 class CliResult:
+    """Exit code, stdout and stderr of one command run."""
+
     argv: list
     returncode: int
     stdout: str

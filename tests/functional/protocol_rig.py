@@ -266,6 +266,8 @@ class Held:
 
 @dataclasses.dataclass
 class Worker:
+    """One simulated scrub worker: its GlanceDB and the claims it holds."""
+
     name: str
     gdb: glance_db.GlanceDB
     skew: datetime.timedelta  # its clock against the true one

@@ -38,6 +38,8 @@ pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
 @dataclasses.dataclass
 class RpcSetup:
+    """A running service and an RPC caller on its own vhost."""
+
     world: sf.World
     service: sf.ScrubService
     config_file: str

@@ -27,6 +27,8 @@ from tests.model.world import violation
 
 @dataclasses.dataclass(frozen=True)
 class Result:
+    """What an exploration found: states seen, and a violating trace if any."""
+
     protocol: str
     config: str
     states: int  # distinct states visited

@@ -65,6 +65,8 @@ class Row(NamedTuple):
 
 
 class Image(NamedTuple):
+    """One image of the model: its status and which deletion it is in."""
+
     status: str
     generation: int  # which deletion (Glance's deleted_at)
 
@@ -79,6 +81,8 @@ class Held(NamedTuple):
 
 
 class Worker(NamedTuple):
+    """One scrub worker of the model: the claim it holds, its token."""
+
     claims: int = 0  # claims made so far: bounds them and numbers them
     image: int | None = None  # None: idle
     token: object = None  # what finish fences on (old: the latest stamp)
@@ -95,6 +99,8 @@ class Flight(NamedTuple):
 
 
 class State(NamedTuple):
+    """A whole state of the model: data, rows, workers, deletes in flight."""
+
     data: tuple  # of bool: present?
     images: tuple  # of Image
     rows: tuple  # of Row

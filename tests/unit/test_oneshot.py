@@ -17,6 +17,8 @@ from tests.unit.conftest import ago
 
 
 class ResolvingStores(FakeStores):
+    """FakeStores that also resolve backends (for --dry-run)."""
+
     def resolve(self, location):
         if 'outside' in location.uri:
             raise exceptions.LocationRefused(

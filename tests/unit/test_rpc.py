@@ -21,6 +21,8 @@ FORGED = '\n2026-12-04 20:00:00.000 1 ERROR scrub_listener forged'
 
 @dataclasses.dataclass
 class Result:
+    """A stand-in RestoreResult."""
+
     image_id: str
     locations: int = 1
     properties: int = 0
@@ -30,6 +32,8 @@ class Result:
 
 
 class Restorer:
+    """A scripted restorer: answers or raises as the test says."""
+
     def __init__(self):
         self.calls = []
 

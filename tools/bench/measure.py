@@ -104,6 +104,8 @@ def wait_until_quiet(max_busy=0.3, max_wait=300.0, window=1.0):
 
 @dataclasses.dataclass
 class ChildResult:
+    """What one measured child process did: times, CPU, RSS, output."""
+
     argv: list
     returncode: int
     wall: float
