@@ -67,8 +67,6 @@ LOG = logging.getLogger(__name__)
 FILE_SCHEMES = ('file', 'filesystem')
 READ_ONLY_SCHEMES = ('http', 'https')
 
-# Outcomes of Stores.delete()
-
 # scheme -> family: the schemes of one driver name the same data.
 _FAMILY = {
     'file': 'file',
@@ -144,7 +142,8 @@ def data_key(uri):
     ``s3+https``, query strings and symlinks are ignored), which at worst
     keeps data that could have gone.  Different keys mean deleting one
     does not touch the other's data — exactly so for file (symlinks as
-    they are when the key is computed), cinder and 4-part RBD URIs.
+    they are when the key is computed; a data directory's own path as it
+    was when the stores were built), cinder and 4-part RBD URIs.
     Known limits, left for the per-store issues: the S3 driver contacts
     its configured ``s3_store_host``, not the URI's host, so two spellings
     of one S3 service differ; and a short-form ``rbd://<image>`` never
