@@ -193,8 +193,7 @@ class Schedule:
     One instance is shared by the notification endpoint, the sweep, the
     scrubber and the listings, so that a SIGHUP that changes
     ``scrub_time`` changes it for all of them at once.  A due time is
-    fixed when a deletion is queued (``scrub-listener-manage reschedule``
-    is what moves queued ones).
+    fixed when a deletion is queued: deletions already queued keep theirs.
     """
 
     def __init__(self, scrub_time):
