@@ -10,7 +10,6 @@ import collections
 import datetime
 import random
 import threading
-import time
 
 import pytest
 
@@ -23,6 +22,7 @@ from tests.functional.concurrency_fixtures import Outcome
 from tests.functional.concurrency_fixtures import read_delete_logs
 from tests.functional.concurrency_fixtures import utcnow
 from tests.functional.concurrency_fixtures import verify_files
+from tools.service_process import wait_until
 
 # ====================================================================
 # Processes: sweep-once, restore, crash (real glance_store, real CLIs)
@@ -209,21 +209,29 @@ def test_restores_racing_sweep_once_processes(cluster, round_):
 
 
 def _wait_for_deletes(proc, count, timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        done = sum(
+    def done():
+        return sum(
             n
             for (w, _), n in read_delete_logs([proc]).items()
             if w == 'deleted'
         )
-        if done >= count:
-            return done
-        if proc.poll() is not None:
+
+    def reached():
+        if proc.poll() is not None and done() < count:
             pytest.fail(
                 f'{proc.name} ended before {count} deletes:\n{proc.output()}'
             )
-        assert time.monotonic() < deadline, f'{proc.name}: {done} deletes'
-        time.sleep(0.05)
+        return done() >= count
+
+    wait_until(
+        reached, timeout, message=lambda: f'{proc.name}: {done()} deletes'
+    )
+    return done()
+
+
+def _wait_past(moment, timeout=60):
+    """Until the (naive UTC) clock is past ``moment``."""
+    wait_until(lambda: utcnow() > moment, timeout, interval=0.1)
 
 
 def test_sweep_once_killed_mid_drain_is_taken_over(cluster):
@@ -255,8 +263,8 @@ def test_sweep_once_killed_mid_drain_is_taken_over(cluster):
         max(leases),
         max(r.updated_at for r in scrubbing) + datetime.timedelta(seconds=10),
     )
-    # why a sleep: lease expiry is a wall-clock time, nothing to wait on
-    time.sleep(max(0.0, (expiry - utcnow()).total_seconds()) + 1.0)
+    # the condition is the clock itself: every lease has run out
+    _wait_past(expiry + SECOND)
 
     second = cluster.sweeper('second', config)
     assert second.wait() == 0, second.output()
@@ -296,8 +304,8 @@ def test_slow_batch_of_a_live_worker_is_not_taken_over(cluster):
     claimed = cluster.scrubbing_rows()
     assert len(claimed) >= 18
     expiry = max(r.updated_at for r in claimed) + 10 * SECOND
-    # why a sleep: lease expiry is a wall-clock time, nothing to wait on
-    time.sleep(max(0.0, (expiry - utcnow()).total_seconds()) + 0.5)
+    # the condition is the clock itself: the lease has run out
+    _wait_past(expiry + SECOND / 2)
     assert slow.poll() is None, 'the batch was meant to outlast the lease'
     other = cluster.sweeper(
         'other',

@@ -33,6 +33,7 @@ from tests.functional.concurrency_fixtures import run_threads
 from tests.functional.concurrency_fixtures import utcnow
 from tests.functional.concurrency_fixtures import verify_files
 from tools import glance_rows
+from tools.service_process import wait_until
 
 # ====================================================================
 # Late events
@@ -324,10 +325,11 @@ def test_enqueues_in_different_orders_do_not_deadlock(cluster, shared_queue):
     )
     first = Outcome(lambda: one.enqueue([(b, due_b), (c, due_c), (a, due_a)]))
     second = Outcome(lambda: two.enqueue([(a, due_a), (c, due_c), (b, due_b)]))
-    deadline = time.monotonic() + 30
-    while _lock_waiters(cluster, shared_queue) < 2:
-        assert time.monotonic() < deadline, 'enqueues never lined up'
-        time.sleep(0.05)
+    wait_until(
+        lambda: _lock_waiters(cluster, shared_queue) >= 2,
+        30,
+        message='enqueues never lined up',
+    )
     tx.commit()
     conn.close()
     first.join()

@@ -28,7 +28,6 @@ broker and the databases, failing scrubs).
 
 import json
 import os
-import time
 import uuid
 
 from tests.functional import service_fixtures as sf
@@ -104,7 +103,12 @@ def test_same_message_twice_is_scrubbed_once(world, services):
         10,
         message=lambda: svc.log_tail(),
     )
-    time.sleep(0.5)  # the other copies have had time to land
+    # every copy delivered (none left in the pool queue)
+    sf.wait_until(
+        lambda: world.pool_depth() == (0, 1),
+        10,
+        message=lambda: f'pool queue {world.pool_depth()}',
+    )
     assert len(sf.queue_rows(_queue_url(world))) == 1
     world.wait_scrubbed([image_id], 15, svc)
 
@@ -237,7 +241,7 @@ def test_listener_survives_1000_malformed_messages(world, services):
         == (sent['id not a uuid'])
     )
     requeue_errors = svc.count('Exception during messages handling')
-    time.sleep(1)
+    _barrier(world, svc)  # a later event went through meanwhile
     assert svc.count('Exception during messages handling') == requeue_errors
 
 
@@ -258,7 +262,7 @@ def test_priority_of_wrong_type_does_not_block_the_listener(world, services):
         print(f'\nbatch dispatch failed {failed} time(s)')
     # and the poison message is not redelivered in a loop
     before = svc.count('Exception during messages handling')
-    time.sleep(1)
+    _barrier(world, svc)  # a later event went through meanwhile
     assert svc.count('Exception during messages handling') == before
 
 
@@ -369,7 +373,12 @@ def test_custom_exchange_and_topics(world, services):
         # Glance's default exchange/topic: not ours any more
         world.publisher.image_delete(images[2])
         world.wait_scrubbed(images[:2], 10, svc)
-        time.sleep(1)
+        # a later event on our exchange went through meanwhile
+        later = world.pending()
+        publisher.publish(
+            sf.glance_delete_message(later), routing_key='alpha.info'
+        )
+        world.wait_scrubbed([later], 10, svc)
         assert not world.scrubbed(images[2])
     finally:
         publisher.close()

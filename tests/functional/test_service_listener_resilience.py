@@ -17,7 +17,6 @@ import datetime
 import os
 import re
 import signal
-import time
 
 import pytest
 
@@ -137,7 +136,11 @@ def test_sighup_with_an_invalid_value_keeps_the_service_running(
     config['DEFAULT']['scrub_time'] = -5  # below min=0
     sf.write_service_config(svc.config_file, config)
     svc.send(signal.SIGHUP)
-    time.sleep(1.5)
+    sf.wait_until(
+        lambda: 'Reload refused' in svc.log() or not svc.alive(),
+        15,
+        message=svc.log_tail,
+    )
     if not svc.alive():
         stopped = 'Stopped' in svc.log()
         pytest.fail(
@@ -252,7 +255,13 @@ def test_events_are_not_lost_while_a_database_is_unreachable(
         for image_id in images:
             world.publisher.image_delete(image_id)
         svc.wait_for_log('Cannot record .* image.delete event', 15)
-        time.sleep(1.5)
+        # held unacknowledged: what the listener did not prefetch stays
+        # in the broker
+        sf.wait_until(
+            lambda: (world.pool_depth() or (0,))[0] >= len(images) - prefetch,
+            15,
+            message=lambda: f'pool queue {world.pool_depth()}',
+        )
 
         ready = world.pool_depth()
         assert ready is not None and ready[0] >= len(images) - prefetch, ready
@@ -325,7 +334,17 @@ def test_a_failing_scrub_backs_off_stays_visible_and_blocks_nothing(
         15,
         message=svc.log_tail,
     )
-    time.sleep(3)
+    # a third attempt comes after the 1 s and 2 s backoffs; a hot loop
+    # would be far past it when seen
+    sf.wait_until(
+        lambda: [
+            r
+            for r in sf.queue_rows(_queue_url(world))
+            if r['image_id'] == poisoned and r['attempts'] >= 3
+        ],
+        30,
+        message=svc.log_tail,
+    )
     [row] = sf.queue_rows(_queue_url(world))
     # 1 s, 2 s, 4 s ... (±10 %): a handful of attempts, not a hot loop
     assert 2 <= row['attempts'] <= 4, row

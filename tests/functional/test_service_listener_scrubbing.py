@@ -43,7 +43,6 @@ def test_scrub_time_holds_the_data_until_due_then_scrubs_promptly(
             row = glance_rows.image_row(eng, image_id)
             due = row.deleted_at + datetime.timedelta(seconds=scrub_time)
             images.append((image_id, _epoch(due)))
-            time.sleep(0.2)
     finally:
         eng.dispose()
     # what is not due yet is still there (the precise check is below, on
@@ -155,7 +154,15 @@ def test_sweep_scrubs_a_location_removed_from_a_live_image(world, services):
     sf.wait_until(
         lambda: not os.path.exists(removed), 10, message=svc.log_tail
     )
-    time.sleep(0.5)
+    # the batch is finished (its verdicts recorded): kept's fate is known
+    sf.wait_until(
+        lambda: (
+            sf.location_statuses(world.glance_url, [image_id])
+            == {image_id: ['active', 'deleted']}
+        ),
+        10,
+        message=svc.log_tail,
+    )
     assert os.path.exists(kept)
     assert sf.image_statuses(world.glance_url, [image_id]) == {
         image_id: 'active'

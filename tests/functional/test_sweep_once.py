@@ -12,7 +12,6 @@ what it leaves: files, rows, exit code, output, and what
 import datetime
 import os
 import subprocess
-import time
 
 import pytest
 import sqlalchemy as sa
@@ -28,6 +27,7 @@ from tests.functional.conftest import run_cli
 from tests.functional.conftest import summary
 from tools import glance_rows
 from tools import harness
+from tools.service_process import wait_until
 
 HOUR = 3600
 
@@ -550,18 +550,21 @@ def test_first_start_of_two_instances_on_a_new_queue(sqlite_env):
 
 def _wait_for_lock_waiter(engine, proc, timeout=30):
     """Until a session of the database waits for a lock (ours)."""
-    deadline = time.monotonic() + timeout
     query = sa.text(
         'SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = '
         "'Lock' AND datname = current_database()"
     )
-    while time.monotonic() < deadline:
+
+    def waiting():
         assert proc.poll() is None, proc.communicate()
         with engine.connect() as conn:
-            if conn.execute(query).scalar():
-                return
-        time.sleep(0.05)
-    pytest.fail('scrub-listener never waited on the queue table lock')
+            return conn.execute(query).scalar()
+
+    wait_until(
+        waiting,
+        timeout,
+        message='scrub-listener never waited on the queue table lock',
+    )
 
 
 def test_half_finished_glance_delete_is_listed_restorable_and_scrubbed(env):
