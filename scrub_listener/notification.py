@@ -121,8 +121,8 @@ class ImageDeleteEndpoint:
         else:
             image_id = payload['id']
             try:
-                if not isinstance(image_id, str):
-                    raise exceptions.InvalidImageId(image_id='?')
+                # JSON gives no UUID objects: anything but a canonical
+                # UUID string is refused here
                 return model.validate_image_id(image_id)
             except exceptions.InvalidImageId:
                 reason = f'payload "id" {image_id!r:.80} is not an image id'
