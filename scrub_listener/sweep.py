@@ -25,19 +25,22 @@ class Sweeper:
 
     def iter_due(self, now=None):
         """Yield pages of ``(Deletion, due_at)`` due at ``now``."""
-        deleted_before = self._schedule.deleted_before(now or self._now())
-        for pages in (
-            self._db.iter_due_images(deleted_before, self._page_size),
-            self._db.iter_due_removed_locations(
-                deleted_before, self._page_size
-            ),
-        ):
+        for pages in self._due_pages(now, self._page_size):
             for page in pages:
                 yield [self._schedule.queued(d) for d in page]
 
     def anything_due(self, now=None):
-        """True if at least one deletion is due at ``now``."""
-        return next(self.iter_due(now), None) is not None
+        """True if at least one deletion is due at ``now`` (one row read)."""
+        return any(
+            next(pages, None) for pages in self._due_pages(now, page_size=1)
+        )
+
+    def _due_pages(self, now, page_size):
+        deleted_before = self._schedule.deleted_before(now or self._now())
+        return (
+            self._db.iter_due_images(deleted_before, page_size),
+            self._db.iter_due_removed_locations(deleted_before, page_size),
+        )
 
     def sweep(self, now=None):
         """Enqueue everything due; return (found, newly queued)."""
